@@ -1,0 +1,237 @@
+"""Dependency analysis: which channels of a traced model must be pruned together.
+
+``build_channel_graph`` walks the fx graph once in topological order, applying each op's
+channel rule (rules.py). The result, a ``ChannelGraph``, knows for every parameter axis and
+every tensor which channel atom sits at each index, and which atoms form one prunable class.
+``analyze`` returns its ``ChannelGroup`` values: pure, deterministic, cheap to recompute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+from torch import fx
+
+from . import meta
+from .channels import TensorChannels, UnionFind
+from .errors import UnsupportedOpError
+
+
+@dataclass(frozen=True, slots=True)
+class Site:
+    """One axis of one parameter or buffer whose indices follow channel atoms.
+
+    ``role`` is "out" for producer-side entries (conv rows, biases, norm affine parameters,
+    layer scales: zeroing them makes the channel zero) and "in" for consumer-side entries.
+    """
+
+    path: str
+    axis: int
+    atoms: np.ndarray
+    role: str
+
+
+@dataclass(frozen=True, slots=True)
+class MacLayer:
+    """A conv or linear module, for predicting MACs from channel counts."""
+
+    target: str
+    in_atoms: np.ndarray | None  # None: input width does not scale its MACs (grouped conv)
+    out_atoms: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A place a group's channels appear: ``name`` (module or parameter path) and ``role``."""
+
+    name: str
+    role: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelGroup:
+    """Channels that must be pruned together, across every member that holds them.
+
+    Channel ``k`` of the group is one class of tied atoms; removing it removes the matching
+    indices from every member. ``producers`` are the dense conv/linear modules that create
+    the group's channels (where ResRep puts compactors).
+    """
+
+    id: int
+    channels: int
+    members: tuple[Member, ...]
+    producers: tuple[str, ...]
+    prunable: bool
+    reasons: tuple[str, ...] = ()
+    exact: bool = True
+    inexact_reasons: tuple[str, ...] = ()
+
+
+@dataclass
+class ChannelGraph:
+    """Everything analysis learned; passes use it, users mostly need ``groups``."""
+
+    groups: list[ChannelGroup]
+    sites: list[Site]
+    values: dict[fx.Node, object]
+    mac_layers: list[MacLayer]
+    atom_group: np.ndarray  # atom -> group id
+    atom_pos: np.ndarray  # atom -> channel index inside its group
+    atom_source: np.ndarray  # atom -> index of the op that created it
+
+    def positions(self, atoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.atom_group[atoms], self.atom_pos[atoms]
+
+    def removed_mask(self, plan: dict[int, np.ndarray]) -> np.ndarray:
+        """Boolean per atom: True when the plan drops its channel."""
+        removed = np.zeros(len(self.atom_group), dtype=bool)
+        for gid, keep in plan.items():
+            drop = np.ones(self.groups[gid].channels, dtype=bool)
+            drop[keep] = False
+            in_group = self.atom_group == gid
+            removed[in_group] = drop[self.atom_pos[in_group]]
+        return removed
+
+
+@dataclass
+class Builder:
+    """Mutable state of one analysis walk; rules call its methods."""
+
+    gm: fx.GraphModule
+    strict: bool = False
+    uf: UnionFind = field(default_factory=UnionFind)
+    source_of: list[int] = field(default_factory=list)  # atom -> source index
+    sources: list[tuple[str, str]] = field(default_factory=list)  # (name, kind)
+    blocked: dict[int, str] = field(default_factory=dict)
+    inexact: dict[int, str] = field(default_factory=dict)
+    sites: list[Site] = field(default_factory=list)
+    mac_layers: list[MacLayer] = field(default_factory=list)
+    values: dict[fx.Node, object] = field(default_factory=dict)
+
+    # --- used by rules -------------------------------------------------------------------
+    def value(self, arg: object) -> object:
+        return self.values.get(arg) if isinstance(arg, fx.Node) else None
+
+    def fresh(self, count: int, name: str, kind: str) -> np.ndarray:
+        """New atoms for channels created by ``name`` (kind: producer, grouped, input)."""
+        atoms = self.uf.new(count)
+        self.sources.append((name, kind))
+        self.source_of.extend([len(self.sources) - 1] * count)
+        return atoms
+
+    def block(self, atoms: np.ndarray, reason: str) -> None:
+        for a in atoms.reshape(-1).tolist():
+            self.blocked.setdefault(a, reason)
+
+    def block_value(self, value: object, reason: str) -> None:
+        for tc in _tensor_values(value):
+            self.block(tc.all_atoms(), reason)
+
+    def mark_inexact(self, atoms: np.ndarray, reason: str) -> None:
+        for a in atoms.reshape(-1).tolist():
+            self.inexact.setdefault(a, reason)
+
+    def site(self, path: str, axis: int, atoms: np.ndarray, role: str) -> None:
+        atoms = np.asarray(atoms, dtype=np.int64)
+        for s in self.sites:
+            if s.path == path and s.axis == axis:
+                # A module called twice shares its weights: both calls' channels correspond.
+                self.uf.union_arrays(s.atoms, atoms)
+                return
+        self.sites.append(Site(path, axis, atoms, role))
+
+    def unknown(self, node: fx.Node, why: str) -> TensorChannels:
+        """An op we cannot follow: its inputs' channels become unprunable."""
+        reason = f"{node.name} ({node.op} {_target_name(node)}): {why}"
+        if self.strict:
+            raise UnsupportedOpError(
+                f"{reason}. Register a channel rule for it (graphprune.rules.register) or "
+                "use strict=False to leave the channels it touches unpruned."
+            )
+        for arg in node.all_input_nodes:
+            self.block_value(self.values.get(arg), reason)
+        return TensorChannels.unknown()
+
+
+def _tensor_values(value: object) -> list[TensorChannels]:
+    if isinstance(value, TensorChannels):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [tc for v in value for tc in _tensor_values(v)]
+    return []
+
+
+def _target_name(node: fx.Node) -> str:
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+def build_channel_graph(gm: fx.GraphModule, *, strict: bool = False) -> ChannelGraph:
+    """Apply every node's channel rule and group the resulting atom classes."""
+    from .rules import apply_rule  # rules import Builder from here
+
+    b = Builder(gm, strict=strict)
+    for node in gm.graph.nodes:
+        b.values[node] = apply_rule(b, node)
+    return _group(b)
+
+
+def analyze(gm: fx.GraphModule, *, strict: bool = False) -> list[ChannelGroup]:
+    """The channel groups of a traced model (see ``graphprune.trace``)."""
+    if not any(meta.SHAPE in n.meta for n in gm.graph.nodes):
+        raise ValueError("analyze() needs a GraphModule from graphprune.trace() (with shapes)")
+    return build_channel_graph(gm, strict=strict).groups
+
+
+def _group(b: Builder) -> ChannelGraph:
+    """Connected components of (source) -- (class) form the groups."""
+    roots = b.uf.roots()
+    g = nx.Graph()
+    for atom, root in enumerate(roots.tolist()):
+        g.add_edge(("s", b.source_of[atom]), ("c", root))
+    comps = sorted(
+        (sorted(r for kind, r in comp if kind == "c") for comp in nx.connected_components(g)),
+        key=lambda classes: classes[0],
+    )
+    atom_group = np.full(len(roots), -1, dtype=np.int64)
+    atom_pos = np.full(len(roots), -1, dtype=np.int64)
+    class_slot: dict[int, tuple[int, int]] = {}
+    for gid, classes in enumerate(comps):
+        for pos, root in enumerate(classes):
+            class_slot[root] = (gid, pos)
+    for atom, root in enumerate(roots.tolist()):
+        atom_group[atom], atom_pos[atom] = class_slot[root]
+
+    members: dict[int, list[Member]] = {gid: [] for gid in range(len(comps))}
+    for s in b.sites:
+        for gid in sorted(set(atom_group[s.atoms.reshape(-1)].tolist())):
+            size = int(np.sum(atom_group[s.atoms] == gid))
+            members[gid].append(Member(f"{s.path}[{s.axis}]", s.role, size))
+
+    groups = []
+    for gid, classes in enumerate(comps):
+        atoms = np.nonzero(atom_group == gid)[0].tolist()
+        kinds = {b.sources[b.source_of[a]] for a in atoms}
+        producers = tuple(sorted({name for name, kind in kinds if kind == "producer"}))
+        reasons = sorted({b.blocked[a] for a in atoms if a in b.blocked})
+        if not reasons and not any(kind in ("producer", "grouped") for _, kind in kinds):
+            reasons.append("no conv/linear produces these channels")
+        inexact = sorted({b.inexact[a] for a in atoms if a in b.inexact})
+        groups.append(
+            ChannelGroup(
+                id=gid,
+                channels=len(classes),
+                members=tuple(members[gid]),
+                producers=producers,
+                prunable=not reasons,
+                reasons=tuple(reasons),
+                exact=not inexact,
+                inexact_reasons=tuple(inexact),
+            )
+        )
+    return ChannelGraph(
+        groups, b.sites, b.values, b.mac_layers, atom_group, atom_pos, np.asarray(b.source_of)
+    )

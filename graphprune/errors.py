@@ -1,0 +1,38 @@
+"""Every exception graphprune raises on purpose.
+
+Each message names the node, module or file involved and says what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class GraphpruneError(Exception):
+    """Base class: catch this to handle any graphprune failure."""
+
+
+class TraceError(GraphpruneError):
+    """torch.fx could not trace the model (data-dependent control flow, unsupported Python)."""
+
+
+class UnsupportedOpError(GraphpruneError):
+    """An op has no channel rule and ``strict=True`` was requested."""
+
+
+class GraphInvariantError(GraphpruneError):
+    """A pass found the graph in a state its preconditions forbid."""
+
+
+class PlanError(GraphpruneError, ValueError):
+    """A pruning plan or a compression target cannot be applied to the model's channel groups."""
+
+
+class BackendUnavailableError(GraphpruneError):
+    """An optional backend (tensorrt, CUDA) is not installed or not usable here."""
+
+
+class ExportError(GraphpruneError):
+    """Exporting a model to a deployable format failed."""
+
+
+class TrainingError(GraphpruneError):
+    """Training diverged or cannot proceed (NaN loss, empty loader, corrupt checkpoint)."""

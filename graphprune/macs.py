@@ -1,0 +1,59 @@
+"""MACs and parameter counts, measured with torch's FlopCounterMode.
+
+Convention (ALGORITHMS.md): MACs of convolution and linear layers only, counted for the given
+example inputs (so per image when the batch is 1). FlopCounterMode reports FLOPs = 2 x MACs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+_MAC_OPS = ("aten.convolution", "aten.mm", "aten.addmm", "aten.bmm")
+
+
+@dataclass(frozen=True, slots=True)
+class MacsReport:
+    """Totals and per-module MACs (module names as in ``model.named_modules()``)."""
+
+    macs: int
+    params: int
+    per_layer: dict[str, int]
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> MacsReport:
+    """Run one forward pass under FlopCounterMode and return MACs of conv and linear layers."""
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(*example_inputs)
+    finally:
+        model.train(was_training)
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    per_layer: dict[str, int] = {}
+    total = 0
+    for scope, ops in counts.items():
+        macs = sum(v for op, v in ops.items() if str(op) in _MAC_OPS) // 2
+        if scope == "Global":
+            total = macs
+        elif scope.startswith(root + "."):
+            name = scope[len(root) + 1 :]
+            # Keep leaf modules only: a parent scope repeats its children's counts.
+            per_layer[name] = macs
+    leaves = {
+        name: macs
+        for name, macs in per_layer.items()
+        if macs and not any(other.startswith(name + ".") for other in per_layer)
+    }
+    return MacsReport(macs=total, params=count_params(model), per_layer=leaves)

@@ -1,0 +1,120 @@
+"""Passes and the runner that applies them in order.
+
+A pass is a module-level function ``verb_object(gm, ctx) -> PassResult``. It mutates the
+GraphModule it is given (the API entry points copy the user's model first), never returns
+None, and raises ``GraphInvariantError`` naming the node when its precondition is broken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from . import meta
+from .errors import GraphInvariantError
+from .tracing import example_inputs_of, propagate_shapes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PassContext:
+    """Options shared by passes; each pass reads the fields it documents."""
+
+    plan: Mapping[int, Sequence[int]] | None = None  # group id -> kept channel indices
+    scores: Mapping[int, Sequence[float]] | None = None  # group id -> importance per channel
+    round_to: int = 8  # kept widths rounded up to a multiple of this (1 = exact plan)
+    fold_threshold: float = 1e-5  # compactor rows with a smaller L2 norm are removed
+    verify: bool = False  # run verify() after every pass (tests, debugging)
+
+
+@dataclass(frozen=True, slots=True)
+class PassResult:
+    gm: fx.GraphModule
+    modified: bool
+    stats: dict[str, object] = field(default_factory=dict)
+
+
+Pass = Callable[[fx.GraphModule, PassContext], PassResult]
+
+
+def run_passes(gm: fx.GraphModule, passes: Sequence[Pass], ctx: PassContext) -> PassResult:
+    """Apply ``passes`` in order, recompiling after each; on failure, say which pass broke."""
+    stats: dict[str, object] = {}
+    modified = False
+    done: list[str] = []
+    for p in passes:
+        try:
+            result = p(gm, ctx)
+            gm = result.gm
+            gm.graph.lint()
+            gm.recompile()
+            if ctx.verify:
+                verify(gm)
+        except Exception as exc:
+            before = ", ".join(done) or "none"
+            raise GraphInvariantError(
+                f"pass {p.__name__} failed (passes run before it: {before}): {exc}"
+            ) from exc
+        done.append(p.__name__)
+        stats[p.__name__] = result.stats
+        modified = modified or result.modified
+    return PassResult(gm, modified, stats)
+
+
+def verify(gm: fx.GraphModule) -> None:
+    """Check the graph is well formed, modules agree with their weights, and it still runs
+    on the example inputs with the recorded output shapes."""
+    gm.graph.lint()
+    for name, m in gm.named_modules():
+        _check_module(name, m)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    expected = [meta.output_shapes(a) for a in output.all_input_nodes]
+    propagate_shapes(gm)
+    actual = [meta.output_shapes(a) for a in output.all_input_nodes]
+    if expected != actual:
+        raise GraphInvariantError(f"output shapes changed from {expected} to {actual}")
+
+
+def _check_module(name: str, m: nn.Module) -> None:
+    if isinstance(m, nn.modules.conv._ConvNd):
+        w = m.weight.shape
+        cin, cout = (w[0], w[1] * m.groups) if m.transposed else (w[1] * m.groups, w[0])
+        if (cin, cout) != (m.in_channels, m.out_channels):
+            raise GraphInvariantError(
+                f"{name}: weight {tuple(w)} disagrees with in/out channels "
+                f"{m.in_channels}/{m.out_channels} (groups={m.groups})"
+            )
+    elif isinstance(m, nn.Linear) and tuple(m.weight.shape) != (m.out_features, m.in_features):
+        raise GraphInvariantError(f"{name}: weight {tuple(m.weight.shape)} disagrees with features")
+
+
+def get_tensor(gm: nn.Module, path: str) -> torch.Tensor:
+    owner, _, attr = path.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, attr)
+
+
+def set_tensor(gm: nn.Module, path: str, value: torch.Tensor) -> None:
+    """Replace a parameter or buffer, keeping its kind and requires_grad."""
+    owner_path, _, attr = path.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    old = getattr(owner, attr)
+    if isinstance(old, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(value.detach().clone(), old.requires_grad))
+    else:
+        owner.register_buffer(
+            attr, value.detach().clone(), persistent=attr not in owner._non_persistent_buffers_set
+        )
+
+
+__all__ = [
+    "Pass",
+    "PassContext",
+    "PassResult",
+    "example_inputs_of",
+    "get_tensor",
+    "run_passes",
+    "set_tensor",
+    "verify",
+]

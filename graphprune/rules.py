@@ -1,0 +1,574 @@
+"""The channel-rule registry: how each op moves channels.
+
+A rule is ``fn(b: Builder, node: fx.Node, module: nn.Module | None) -> value`` where the value
+is a ``TensorChannels`` (or a list of them for tuple outputs, or None for non-tensors).
+Rules are keyed by real fx targets: module classes (looked up along the MRO), functions
+(``torch.cat``, ``operator.add``) and method names (``"view"``). An op with no rule is never
+guessed at: ``Builder.unknown`` marks the channels it touches unprunable, with the reason.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from . import meta
+from .analysis import Builder
+from .channels import ChannelError, TensorChannels
+
+Rule = Callable[[Builder, fx.Node, "nn.Module | None"], object]
+RULES: dict[object, Rule] = {}
+
+
+def register(*targets: object) -> Callable[[Rule], Rule]:
+    """Register a rule for module classes, functions or method names (extensible by users)."""
+
+    def deco(fn: Rule) -> Rule:
+        for t in targets:
+            RULES[t] = fn
+        return fn
+
+    return deco
+
+
+def apply_rule(b: Builder, node: fx.Node) -> object:
+    if node.op == "placeholder":
+        return _placeholder(b, node)
+    if node.op == "output":
+        for arg in node.all_input_nodes:
+            b.block_value(b.values.get(arg), f"{arg.name}: network output")
+        return None
+    if node.op == "get_attr":
+        return ParamValue(str(node.target))
+    module = b.gm.get_submodule(node.target) if node.op == "call_module" else None
+    rule = _lookup(node, module)
+    if rule is None:
+        if meta.output_shapes(node) is None and not _has_tensor_input(b, node):
+            return None  # arithmetic on sizes and other non-tensor bookkeeping
+        return b.unknown(node, "no channel rule for this op")
+    try:
+        return rule(b, node, module)
+    except ChannelError as exc:
+        return b.unknown(node, str(exc))
+
+
+def _lookup(node: fx.Node, module: nn.Module | None) -> Rule | None:
+    if module is not None:
+        for cls in type(module).__mro__:
+            if cls in RULES:
+                return RULES[cls]
+        return None
+    return RULES.get(node.target)
+
+
+def _has_tensor_input(b: Builder, node: fx.Node) -> bool:
+    return any(
+        isinstance(b.values.get(a), (TensorChannels, ParamValue, list))
+        for a in node.all_input_nodes
+    )
+
+
+class ParamValue:
+    """A parameter read with get_attr (e.g. a layer-scale gamma); bound to channels on use."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+def _tc(b: Builder, arg: object) -> TensorChannels:
+    v = b.value(arg)
+    if isinstance(v, TensorChannels):
+        return v
+    raise ChannelError(f"expected a tensor input, got {type(v).__name__}")
+
+
+def _shape(node: object) -> tuple[int, ...]:
+    s = meta.shape(node) if isinstance(node, fx.Node) else None
+    if s is None:
+        raise ChannelError("no recorded shape (was the model traced with graphprune.trace?)")
+    return s
+
+
+def _arg(node: fx.Node, index: int, name: str, default: object = None) -> object:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _dim(d: int, ndim: int) -> int:
+    return d + ndim if d < 0 else d
+
+
+def _placeholder(b: Builder, node: fx.Node) -> object:
+    s = meta.shape(node)
+    if s is None:
+        return None
+    if len(s) < 2:
+        return TensorChannels.free()
+    atoms = b.fresh(s[1], node.name, "input")
+    b.block(atoms, f"{node.name}: network input")
+    return TensorChannels((1,), atoms)
+
+
+# --- layers that create channels --------------------------------------------------------------
+@register(
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d
+)
+def _conv(b: Builder, node: fx.Node, m: nn.Module) -> TensorChannels:
+    x = _tc(b, node.args[0])
+    t = str(node.target)
+    transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
+    in_axis, out_axis = (0, 1) if transposed else (1, 0)
+    cout, g = m.out_channels, m.groups
+    kind = "producer" if g == 1 else "grouped"
+    out = b.fresh(cout, t, kind)
+    x_atoms = x.along(1) if 1 in x.dims else None
+    if g == 1:
+        if x_atoms is not None:
+            b.site(f"{t}.weight", in_axis, x_atoms, "in")
+        b.site(f"{t}.weight", out_axis, out, "out")
+        b.mac_layers.append(_mac(t, x_atoms, out))
+    else:
+        # Whole conv groups are the unit: tie each group's input and output channels.
+        if x_atoms is None:
+            b.block(out, f"{t}: grouped conv whose input channels are unknown")
+        else:
+            for k in range(g):
+                b.uf.tie(np.concatenate([x_atoms.reshape(g, -1)[k], out.reshape(g, -1)[k]]))
+            b.site(f"{t}.weight", 0, x_atoms if transposed else out, "in" if transposed else "out")
+        b.mac_layers.append(_mac(t, None, out))
+    if m.bias is not None:
+        b.site(f"{t}.bias", 0, out, "out")
+    return TensorChannels((1,), out)
+
+
+def _mac(target: str, in_atoms: np.ndarray | None, out_atoms: np.ndarray):
+    from .analysis import MacLayer
+
+    return MacLayer(target, in_atoms, out_atoms)
+
+
+@register(nn.Linear)
+def _linear(b: Builder, node: fx.Node, m: nn.Linear) -> TensorChannels:
+    x = _tc(b, node.args[0])
+    t = str(node.target)
+    last = len(_shape(node)) - 1
+    out = b.fresh(m.out_features, t, "producer")
+    if x.dims and x.dims != (last,):
+        raise ChannelError("linear over a tensor with channels on other dims than the last")
+    in_atoms = x.atoms if x.dims else None
+    if in_atoms is not None:
+        b.site(f"{t}.weight", 1, in_atoms, "in")
+    b.site(f"{t}.weight", 0, out, "out")
+    if m.bias is not None:
+        b.site(f"{t}.bias", 0, out, "out")
+    b.mac_layers.append(_mac(t, in_atoms, out))
+    return TensorChannels((last,), out)
+
+
+# --- normalization --------------------------------------------------------------------------
+@register(nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+def _batchnorm(b: Builder, node: fx.Node, m: nn.Module) -> TensorChannels:
+    x = _tc(b, node.args[0])
+    if 1 not in x.dims:
+        return x
+    atoms = x.along(1)
+    t = str(node.target)
+    for name, tensor in list(m.named_parameters(recurse=False)) + list(
+        m.named_buffers(recurse=False)
+    ):
+        if tensor is not None and tensor.dim() == 1 and tensor.numel() == len(atoms):
+            b.site(f"{t}.{name}", 0, atoms, "out" if name in ("weight", "bias") else "stat")
+    return x
+
+
+@register(nn.GroupNorm)
+def _groupnorm(b: Builder, node: fx.Node, m: nn.GroupNorm) -> TensorChannels:
+    x = _tc(b, node.args[0])
+    if 1 not in x.dims:
+        return x
+    atoms = x.along(1)
+    # Statistics are per group: only whole groups can go without changing the others.
+    for group in atoms.reshape(m.num_groups, -1):
+        b.uf.tie(group)
+    t = str(node.target)
+    if m.affine:
+        b.site(f"{t}.weight", 0, atoms, "out")
+        b.site(f"{t}.bias", 0, atoms, "out")
+    else:
+        b.block(atoms, f"{t}: GroupNorm without affine parameters")
+    return x
+
+
+@register(nn.LayerNorm)
+def _layernorm(b: Builder, node: fx.Node, m: nn.LayerNorm) -> TensorChannels:
+    x = _tc(b, node.args[0])
+    nd = len(_shape(node))
+    normed = list(range(nd - len(m.normalized_shape), nd))
+    hit = [d for d in x.dims if d in normed]
+    if not hit:
+        return x
+    t = str(node.target)
+    if len(hit) > 1 or m.weight is None:
+        raise ChannelError("LayerNorm over several channel dims or without affine weight")
+    atoms = x.along(hit[0])
+    axis = normed.index(hit[0])
+    b.site(f"{t}.weight", axis, atoms, "out")
+    if m.bias is not None:
+        b.site(f"{t}.bias", axis, atoms, "out")
+    b.mark_inexact(atoms, f"{t}: LayerNorm statistics include every channel")
+    return x
+
+
+@register(nn.PReLU)
+def _prelu(b: Builder, node: fx.Node, m: nn.PReLU) -> TensorChannels:
+    x = _tc(b, node.args[0])
+    if m.num_parameters > 1 and 1 in x.dims:
+        b.site(f"{node.target}.weight", 0, x.along(1), "out")
+    return x
+
+
+# --- ops that pass channels through unchanged ---------------------------------------------
+_ELEMENTWISE_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.Softplus,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+)
+_ELEMENTWISE_FUNCTIONS = (
+    F.relu,
+    F.relu6,
+    F.leaky_relu,
+    F.elu,
+    F.selu,
+    F.gelu,
+    F.silu,
+    F.mish,
+    F.hardswish,
+    F.hardsigmoid,
+    F.hardtanh,
+    F.softplus,
+    F.dropout,
+    F.dropout2d,
+    torch.relu,
+    torch.sigmoid,
+    torch.tanh,
+    torch.clamp,
+    torch.clone,
+    F.sigmoid,
+    F.tanh,
+)
+_ELEMENTWISE_METHODS = (
+    "relu",
+    "relu_",
+    "sigmoid",
+    "tanh",
+    "clamp",
+    "clamp_",
+    "contiguous",
+    "clone",
+    "detach",
+    "float",
+    "half",
+    "to",
+    "type_as",
+    "sigmoid_",
+)
+_SPATIAL = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.Upsample,
+    nn.UpsamplingNearest2d,
+    nn.UpsamplingBilinear2d,
+    nn.ZeroPad2d,
+    nn.ConstantPad1d,
+    nn.ConstantPad2d,
+    nn.ConstantPad3d,
+    nn.ReflectionPad1d,
+    nn.ReflectionPad2d,
+    nn.ReplicationPad1d,
+    nn.ReplicationPad2d,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    F.adaptive_max_pool2d,
+    F.interpolate,
+    F.pad,
+    torch.nn.functional.upsample,
+)
+
+
+@register(*_ELEMENTWISE_MODULES, *_ELEMENTWISE_FUNCTIONS, *_ELEMENTWISE_METHODS)
+def _elementwise(b: Builder, node: fx.Node, m: nn.Module | None) -> TensorChannels:
+    return _tc(b, node.args[0])
+
+
+@register(*_SPATIAL)
+def _spatial(b: Builder, node: fx.Node, m: nn.Module | None) -> TensorChannels:
+    """Pooling, resizing, padding: fine as long as no channel dim changes size."""
+    x = _tc(b, node.args[0])
+    in_shape, out_shape = _shape(node.args[0]), _shape(node)
+    if len(in_shape) != len(out_shape) or any(in_shape[d] != out_shape[d] for d in x.dims):
+        raise ChannelError(f"changes a channel dim: {in_shape} -> {out_shape}")
+    return x
+
+
+@register(
+    nn.Softmax, nn.LogSoftmax, F.softmax, F.log_softmax, torch.softmax, "softmax", "log_softmax"
+)
+def _softmax(b: Builder, node: fx.Node, m: nn.Module | None) -> TensorChannels:
+    x = _tc(b, node.args[0])
+    nd = len(_shape(node))
+    d = m.dim if m is not None else _arg(node, 1, "dim")
+    if d is None or _dim(int(d), nd) in x.dims:
+        raise ChannelError("softmax normalizes over channels")
+    return x
+
+
+# --- combining tensors ------------------------------------------------------------------------
+_BINARY = (
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    operator.iadd,
+    operator.imul,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+    "add",
+    "add_",
+    "sub",
+    "mul",
+    "mul_",
+    "div",
+)
+
+
+@register(*_BINARY)
+def _binary(b: Builder, node: fx.Node, m: object) -> object:
+    """Elementwise with broadcasting: aligned channel dims are the same channels."""
+    out_nd = len(_shape(node))
+    operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+    tensors: list[tuple[TensorChannels, tuple[int, ...]]] = []
+    params: list[tuple[str, tuple[int, ...]]] = []
+    for a in operands:
+        v = b.values.get(a)
+        if isinstance(v, ParamValue):
+            params.append((v.path, _shape(a)))
+        elif isinstance(v, TensorChannels):
+            tensors.append((v.shifted(out_nd - len(_shape(a))), _shape(a)))
+    if not tensors:
+        return TensorChannels.free() if params else None
+    x, x_shape = tensors[0]
+    if len(tensors) == 2:
+        x = _unify(b, tensors[0], tensors[1], out_nd)
+    for path, p_shape in params:
+        for axis, size in enumerate(p_shape):
+            d = axis + out_nd - len(p_shape)
+            if size > 1 and d in x.dims:
+                b.site(path, axis, x.along(d), "out")
+    return x
+
+
+def _unify(b: Builder, left, right, out_nd: int) -> TensorChannels:
+    (a, a_shape), (c, c_shape) = left, right
+    a_full = (1,) * (out_nd - len(a_shape)) + a_shape
+    c_full = (1,) * (out_nd - len(c_shape)) + c_shape
+    for one, other, other_full in ((a, c, c_full), (c, a, a_full)):
+        for d in one.dims:
+            if d not in other.dims and other_full[d] > 1:
+                raise ChannelError(f"channels on dim {d} meet a tensor with other content there")
+    if a.dims and c.dims:
+        if a.dims != c.dims or a.atoms.shape != c.atoms.shape:
+            raise ChannelError("operands carry channels on different dims")
+        b.uf.union_arrays(a.atoms, c.atoms)
+        return a
+    if a.dims or c.dims:
+        return a if a.dims else c
+    return TensorChannels.unknown() if (a.opaque or c.opaque) else a
+
+
+@register(torch.cat, torch.concat, torch.concatenate)
+def _cat(b: Builder, node: fx.Node, m: object) -> TensorChannels:
+    inputs = list(_arg(node, 0, "tensors"))
+    nd = len(_shape(node))
+    d = _dim(int(_arg(node, 1, "dim", 0)), nd)
+    values = [b.value(a) for a in inputs]
+    if not all(isinstance(v, TensorChannels) for v in values):
+        raise ChannelError("cat of non-tensor values")
+    if all(d not in v.dims for v in values):
+        carried = [v for v in values if v.carries]
+        out = carried[0] if carried else TensorChannels.free()
+        for v in carried[1:]:
+            if v.dims != out.dims:
+                raise ChannelError("cat inputs carry channels on different dims")
+            b.uf.union_arrays(out.atoms, v.atoms)
+        return out
+    parts = []
+    for a, v in zip(inputs, values, strict=True):
+        if v.dims == (d,):
+            parts.append(v.atoms)
+        else:  # a segment whose channels we cannot follow: fresh atoms nobody may prune
+            seg = b.fresh(_shape(a)[d], f"{node.name}:segment", "input")
+            b.block(seg, f"{node.name}: cat input {a.name} has unknown channels")
+            parts.append(seg)
+    return TensorChannels((d,), np.concatenate(parts))
+
+
+@register(torch.split, torch.chunk, "split", "chunk", torch.tensor_split, "tensor_split")
+def _split(b: Builder, node: fx.Node, m: object) -> list[TensorChannels]:
+    x = _tc(b, node.args[0])
+    outs = meta.output_shapes(node)
+    nd = len(_shape(node.args[0]))
+    d = _dim(int(_arg(node, 2, "dim", 0)), nd)
+    parts, offset = [], 0
+    for s in outs:
+        parts.append(x.sliced(d, offset, offset + s[d]))
+        offset += s[d]
+    return parts
+
+
+@register(operator.getitem)
+def _getitem(b: Builder, node: fx.Node, m: object) -> object:
+    src, index = node.args
+    v = b.value(src)
+    if isinstance(v, list):
+        return v[index]
+    if not isinstance(v, TensorChannels):
+        return None
+    in_shape = _shape(src)
+    index = index if isinstance(index, tuple) else (index,)
+    if any(i is Ellipsis for i in index):
+        at = index.index(Ellipsis)
+        fill = len(in_shape) - (len(index) - 1 - sum(i is None for i in index))
+        index = index[:at] + (slice(None),) * fill + index[at + 1 :]
+    out, din, dout, removed, inserted = v, 0, 0, [], []
+    for i in index:
+        if i is None:
+            inserted.append(dout)
+            dout += 1
+        elif isinstance(i, int):
+            removed.append(din)
+            din += 1
+        elif isinstance(i, slice) and not any(isinstance(x, fx.Node) for x in (i.start, i.stop)):
+            if din in out.dims:
+                if i.step not in (None, 1):
+                    raise ChannelError("strided slice of a channel dim")
+                start, stop, _ = i.indices(in_shape[din])
+                original = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+                special = any(j is None or j is Ellipsis for j in original)
+                if (start, stop) != (0, in_shape[din]) and special:
+                    raise ChannelError("channel slice combined with None or Ellipsis indexing")
+                out = out.sliced(din, start, stop)
+            din += 1
+            dout += 1
+        else:
+            raise ChannelError(f"unsupported index {i!r}")
+    out = out.without_dims(removed)
+    for p in inserted:
+        out = TensorChannels(tuple(x + (x >= p) for x in out.dims), out.atoms, out.opaque)
+    return out
+
+
+# --- moving dims around ----------------------------------------------------------------------
+@register(
+    nn.Flatten,
+    nn.Unflatten,
+    torch.flatten,
+    torch.reshape,
+    torch.squeeze,
+    torch.unsqueeze,
+    "view",
+    "reshape",
+    "flatten",
+    "squeeze",
+    "unsqueeze",
+    "view_as",
+    "reshape_as",
+)
+def _reshape(b: Builder, node: fx.Node, m: object) -> TensorChannels:
+    out = _tc(b, node.args[0]).reshaped(_shape(node.args[0]), _shape(node))
+    if len(out.dims) > 1:
+        # Channels split over several dims (e.g. a channel shuffle's (groups, C/groups)):
+        # only the last dim may shrink, so positions along it are pruned together.
+        for column in np.moveaxis(out.atoms, -1, 0).reshape(out.atoms.shape[-1], -1):
+            b.uf.tie(column)
+    return out
+
+
+@register(torch.permute, "permute", torch.transpose, "transpose", "t")
+def _permute(b: Builder, node: fx.Node, m: object) -> TensorChannels:
+    x = _tc(b, node.args[0])
+    nd = len(_shape(node))
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    if name in ("transpose", "t"):
+        d0, d1 = (
+            (0, 1) if name == "t" else (_dim(int(node.args[1]), nd), _dim(int(node.args[2]), nd))
+        )
+        perm = list(range(nd))
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+    else:
+        dims = node.args[1:] if len(node.args) > 2 else node.args[1]
+        perm = [_dim(int(p), nd) for p in (dims if isinstance(dims, (list, tuple)) else [dims])]
+    if x.carries and (perm[0] != 0):
+        raise ChannelError("permute moves the batch dim")
+    return x.permuted(perm)
+
+
+@register(torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin")
+def _reduce(b: Builder, node: fx.Node, m: object) -> TensorChannels:
+    x = _tc(b, node.args[0])
+    nd = len(_shape(node.args[0]))
+    dims = _arg(node, 1, "dim")
+    if dims is None:
+        raise ChannelError("reduces over every dim, channels included")
+    dims = [_dim(int(d), nd) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+    if any(d in x.dims for d in dims):
+        raise ChannelError("reduces over the channel dim")
+    keepdim = bool(_arg(node, 2, "keepdim", False))
+    return x if keepdim else x.without_dims(dims)
+
+
+@register("size", "dim", "numel", getattr)
+def _size(b: Builder, node: fx.Node, m: object) -> None:
+    return None

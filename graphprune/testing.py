@@ -1,0 +1,68 @@
+"""Helpers for checking pruning exactness, used by graphprune's tests and useful to users.
+
+The exactness argument: if every producer-side entry of a channel is zero (conv row, bias,
+norm scale and shift, layer scale), the channel is zero everywhere it flows, so removing it
+from every member changes no output.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from .analysis import ChannelGraph
+from .pipeline import get_tensor
+
+
+def random_plan(
+    graph: ChannelGraph, rng: np.random.Generator, *, fraction: float = 0.5, exact_only: bool = True
+) -> dict[int, list[int]]:
+    """Drop a random subset (about ``fraction``) of each prunable group's channels."""
+    plan = {}
+    for g in graph.groups:
+        if not g.prunable or (exact_only and not g.exact) or g.channels < 2:
+            continue
+        keep = max(1, int(round(g.channels * (1 - rng.uniform(0, fraction)))))
+        plan[g.id] = sorted(rng.choice(g.channels, size=keep, replace=False).tolist())
+    return _repair(graph, plan)
+
+
+def _repair(graph: ChannelGraph, plan: dict[int, list[int]]) -> dict[int, list[int]]:
+    """Give back one channel to every member the random plan would leave empty."""
+    removed = graph.removed_mask({k: np.asarray(v) for k, v in plan.items()})
+    for s in graph.sites:
+        if s.atoms.size and removed[s.atoms].all():
+            atom = int(s.atoms.reshape(-1)[0])
+            gid, pos = int(graph.atom_group[atom]), int(graph.atom_pos[atom])
+            plan[gid] = sorted(set(plan[gid]) | {pos})
+            removed = graph.removed_mask({k: np.asarray(v) for k, v in plan.items()})
+    return plan
+
+
+@torch.no_grad()
+def zero_dropped_channels(gm: fx.GraphModule, graph: ChannelGraph, plan) -> None:
+    """Zero every producer-side entry of the channels ``plan`` drops (in place)."""
+    removed = graph.removed_mask({k: np.asarray(v) for k, v in plan.items()})
+    for s in graph.sites:
+        if s.role != "out":
+            continue
+        drop = np.nonzero(removed[s.atoms.reshape(-1)])[0]
+        if len(drop):
+            get_tensor(gm, s.path).index_fill_(s.axis, torch.from_numpy(drop), 0.0)
+
+
+@torch.no_grad()
+def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give norm layers non-trivial statistics and affine parameters, so checks are not vacuous."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+        if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+            if getattr(m, "weight", None) is not None:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            if getattr(m, "bias", None) is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    return model

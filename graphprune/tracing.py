@@ -1,0 +1,134 @@
+"""The frontend: nn.Module -> torch.fx GraphModule with shapes in node.meta.
+
+All tracing lives here, so another frontend (torch.export, more leaf policies) can be added
+without touching analysis or passes.
+"""
+
+from __future__ import annotations
+
+import copy
+import linecache
+import sys
+import traceback
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from torch import fx, nn
+
+from . import meta
+from .errors import TraceError
+
+EXAMPLE_INPUTS = "graphprune.example_inputs"
+
+_TORCH_DIR = str(Path(torch.__file__).parent)
+
+
+class _LeafTracer(fx.Tracer):
+    """fx's default leaves (torch.nn modules) plus the user's own leaf module types."""
+
+    def __init__(self, leaf_types: tuple[type[nn.Module], ...]) -> None:
+        super().__init__()
+        self.leaf_types = leaf_types
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self.leaf_types and isinstance(m, self.leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    *,
+    leaf_modules: Iterable[type[nn.Module]] = (),
+) -> fx.GraphModule:
+    """Trace a copy of ``model`` and record every node's output shape.
+
+    The copy means passes may rewrite the GraphModule freely: the user's model is never
+    touched. ``leaf_modules`` are kept as opaque calls (their channels become unprunable);
+    use it for submodules fx cannot trace.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"trace() needs an nn.Module, got {type(model).__name__}")
+    example_inputs = tuple(example_inputs)
+    if not example_inputs or not all(isinstance(t, torch.Tensor) for t in example_inputs):
+        raise TypeError("example_inputs must be a non-empty tuple of tensors, e.g. (x,)")
+    model = copy.deepcopy(model)
+    tracer = _LeafTracer(tuple(leaf_modules))
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # fx raises many types; all mean "not traceable"
+        raise TraceError(_explain_trace_failure(model, exc)) from exc
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm.meta[EXAMPLE_INPUTS] = tuple(t.detach().clone() for t in example_inputs)
+    propagate_shapes(gm)
+    return gm
+
+
+class _ShapeRecorder(fx.Interpreter):
+    def run_node(self, n: fx.Node):
+        value = super().run_node(n)
+        meta.set_output_meta(n, value)
+        return value
+
+
+@torch.no_grad()
+def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor] | None = None):
+    """(Re)compute node shapes by running the example inputs in eval mode.
+
+    Eval mode, so BatchNorm running statistics are not updated by this bookkeeping run.
+    """
+    if example_inputs is None:
+        example_inputs = gm.meta.get(EXAMPLE_INPUTS)
+        if example_inputs is None:
+            raise TraceError("GraphModule has no recorded example inputs; pass example_inputs=")
+    was_training = gm.training
+    gm.eval()
+    try:
+        _ShapeRecorder(gm).run(*example_inputs)
+    except Exception as exc:
+        raise TraceError(f"running the traced graph on the example inputs failed: {exc}") from exc
+    finally:
+        gm.train(was_training)
+
+
+def example_inputs_of(gm: fx.GraphModule) -> tuple[torch.Tensor, ...]:
+    inputs = gm.meta.get(EXAMPLE_INPUTS)
+    if inputs is None:
+        raise TraceError("this GraphModule was not made by graphprune.trace(); trace it first")
+    return inputs
+
+
+def _explain_trace_failure(model: nn.Module, exc: Exception) -> str:
+    """Name the user's source line that fx choked on and suggest leaf_modules=."""
+    frames = traceback.extract_tb(sys.exc_info()[2])
+    user = [f for f in frames if not f.filename.startswith(_TORCH_DIR)]
+    where = ""
+    owner = ""
+    if user:
+        f = user[-1]
+        code = (f.line or linecache.getline(f.filename, f.lineno or 0)).strip()
+        where = f"\n  at {f.filename}:{f.lineno}: {code}"
+        owner = _module_owning(model, f.filename, f.name)
+    hint = (
+        f"mark that submodule as a leaf, e.g. trace(..., leaf_modules=[{owner}]) "
+        "(its channels become unprunable)"
+        if owner and owner != type(model).__name__
+        else "move the data-dependent part into a submodule and pass it as leaf_modules=[...], "
+        "or rewrite the line without Python control flow on tensor values"
+    )
+    return (
+        f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}{where}\n"
+        f"  fix: {hint}"
+    )
+
+
+def _module_owning(model: nn.Module, filename: str, func: str) -> str:
+    """Best guess of which module class defines the failing frame's function."""
+    for m in model.modules():
+        fn = getattr(type(m), func, None)
+        code = getattr(fn, "__code__", None)
+        if code is not None and code.co_filename == filename:
+            return type(m).__name__
+    return ""

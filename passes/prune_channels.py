@@ -1,0 +1,249 @@
+"""prune_channels: physically remove the channels a plan drops, from every group member."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from graphprune.analysis import ChannelGraph, build_channel_graph
+from graphprune.channels import TensorChannels
+from graphprune.errors import GraphInvariantError, PlanError
+from graphprune.pipeline import PassContext, PassResult, get_tensor, set_tensor
+from graphprune.tracing import propagate_shapes
+
+
+def prune_channels(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Remove the channels ``ctx.plan`` drops from every member of their groups.
+
+    Requires: ``gm`` from graphprune.trace (shapes recorded); ``ctx.plan`` maps group id ->
+    kept channel indices (``analyze(gm)`` numbering); ``ctx.round_to`` rounds widths up.
+    Effects:  W[..., c, ...] for dropped c disappears along every channel axis; module
+    attributes, split sizes, slice bounds and reshape constants follow; shapes are re-recorded.
+    """
+    graph = build_channel_graph(gm)
+    plan = validate_plan(graph, ctx.plan or {})
+    plan = round_plan(graph, plan, ctx.round_to, ctx.scores)
+    removed = graph.removed_mask(plan)
+    check_nothing_emptied(graph, removed)
+    if not removed.any():
+        return PassResult(gm, False, {"removed_channels": 0})
+    old_shapes = {n: _node_shapes(n) for n in gm.graph.nodes}
+    _slice_tensors(gm, graph, removed)
+    _sync_modules(gm, graph, removed)
+    _rewrite_args(gm, graph, removed, old_shapes)
+    gm.recompile()
+    propagate_shapes(gm)
+    widths = {gid: len(keep) for gid, keep in plan.items()}
+    return PassResult(gm, True, {"removed_channels": int(removed.sum()), "widths": widths})
+
+
+def validate_plan(graph: ChannelGraph, plan: Mapping[int, Sequence[int]]) -> dict[int, np.ndarray]:
+    """Check every entry names a prunable group and keeps a valid, non-empty channel set."""
+    groups = graph.groups
+    out: dict[int, np.ndarray] = {}
+    for gid, keep in plan.items():
+        if not isinstance(gid, (int, np.integer)) or not 0 <= gid < len(groups):
+            raise PlanError(f"plan names group {gid!r}; this model has groups 0..{len(groups) - 1}")
+        g = groups[gid]
+        kept = np.asarray(sorted(int(k) for k in keep), dtype=np.int64)
+        if len(kept) == g.channels and np.array_equal(kept, np.arange(g.channels)):
+            continue
+        if not g.prunable:
+            raise PlanError(f"group {gid} cannot be pruned: {'; '.join(g.reasons)}")
+        if len(kept) == 0:
+            raise PlanError(
+                f"plan keeps no channel of group {gid} ({', '.join(g.producers)}): "
+                "keep at least one, or the layers lose their whole output"
+            )
+        if kept[0] < 0 or kept[-1] >= g.channels:
+            raise PlanError(
+                f"group {gid} has channels 0..{g.channels - 1}; plan keeps {kept.tolist()}"
+            )
+        if len(np.unique(kept)) != len(kept):
+            raise PlanError(f"plan keeps channels of group {gid} more than once: {kept.tolist()}")
+        out[int(gid)] = kept
+    return out
+
+
+def check_nothing_emptied(graph: ChannelGraph, removed: np.ndarray) -> None:
+    """A plan may keep a group alive yet drop every channel one member sees (e.g. the half
+    of a split a branch reads); that member would be left with zero channels."""
+    for s in graph.sites:
+        if s.atoms.size and removed[s.atoms].all():
+            gids = sorted(set(graph.atom_group[s.atoms].tolist()))
+            raise PlanError(
+                f"plan removes every channel along axis {s.axis} of {s.path} (groups {gids}); "
+                "keep at least one of the channels it reads"
+            )
+
+
+def round_plan(
+    graph: ChannelGraph,
+    plan: dict[int, np.ndarray],
+    round_to: int,
+    scores: Mapping[int, Sequence[float]] | None = None,
+) -> dict[int, np.ndarray]:
+    """Round each kept width up to a multiple of ``round_to`` (never above the group's size).
+
+    Channels are added back by highest score, or lowest index when no scores are given.
+    Groups whose channels are tied blocks (GroupNorm groups, conv groups) keep their widths.
+    """
+    if round_to <= 1:
+        return plan
+    out = {}
+    for gid, kept in plan.items():
+        n = graph.groups[gid].channels
+        want = min(n, -(-len(kept) // round_to) * round_to)
+        if want == len(kept) or _tied(graph, gid):
+            out[gid] = kept
+            continue
+        dropped = np.setdiff1d(np.arange(n), kept)
+        if scores is not None and gid in scores:
+            s = np.asarray(scores[gid])[dropped]
+            dropped = dropped[np.argsort(-s, kind="stable")]
+        out[gid] = np.sort(np.concatenate([kept, dropped[: want - len(kept)]]))
+    return out
+
+
+def _tied(graph: ChannelGraph, gid: int) -> bool:
+    """True when one channel of the group spans several channels of one producer."""
+    atoms = np.nonzero(graph.atom_group == gid)[0]
+    pairs = np.unique(np.stack([graph.atom_source[atoms], graph.atom_pos[atoms]]), axis=1)
+    return pairs.shape[1] < len(atoms)
+
+
+def _slice_tensors(gm: fx.GraphModule, graph: ChannelGraph, removed: np.ndarray) -> None:
+    by_path = defaultdict(list)
+    for s in graph.sites:
+        by_path[s.path].append(s)
+    for path, sites in by_path.items():
+        tensor = get_tensor(gm, path)
+        new = tensor.detach()
+        for s in sites:
+            keep = torch.from_numpy(np.nonzero(~removed[s.atoms.reshape(-1)])[0])
+            if len(keep) != s.atoms.size:
+                new = new.index_select(s.axis, keep)
+        if new.shape != tensor.shape:
+            set_tensor(gm, path, new.contiguous())
+
+
+def _kept(removed: np.ndarray, value: object, dim: int) -> int | None:
+    if isinstance(value, TensorChannels) and value.dims == (dim,):
+        return int(np.sum(~removed[value.atoms]))
+    return None
+
+
+def _sync_modules(gm: fx.GraphModule, graph: ChannelGraph, removed: np.ndarray) -> None:
+    """Make module attributes agree with their new parameter shapes."""
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        m = gm.get_submodule(node.target)
+        x = graph.values.get(node.args[0]) if node.args else None
+        if isinstance(m, nn.modules.conv._ConvNd):
+            w = m.weight.shape
+            if m.transposed:
+                m.groups = m.groups * w[0] // m.in_channels if m.groups > 1 else 1
+                m.in_channels, m.out_channels = w[0], w[1] * m.groups
+            else:
+                m.groups = m.groups * w[0] // m.out_channels if m.groups > 1 else 1
+                m.in_channels, m.out_channels = w[1] * m.groups, w[0]
+        elif isinstance(m, nn.Linear):
+            m.out_features, m.in_features = m.weight.shape
+        elif isinstance(
+            m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+        ):
+            kept = _kept(removed, x, 1)
+            if kept is not None:
+                m.num_features = kept
+        elif isinstance(m, nn.GroupNorm):
+            kept = _kept(removed, x, 1)
+            if kept is not None and kept != m.num_channels:
+                m.num_groups = m.num_groups * kept // m.num_channels
+                m.num_channels = kept
+        elif isinstance(m, nn.LayerNorm) and m.weight is not None:
+            m.normalized_shape = tuple(m.weight.shape)
+        elif isinstance(m, nn.PReLU):
+            m.num_parameters = m.weight.numel()
+
+
+_SPLITS = {torch.split, torch.chunk, torch.tensor_split, "split", "chunk", "tensor_split"}
+_VIEWS = {torch.reshape, "view", "reshape"}
+
+
+def _rewrite_args(gm, graph: ChannelGraph, removed: np.ndarray, old_shapes) -> None:
+    """Channel counts baked into node arguments: split sizes, slice bounds, view shapes."""
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_function", "call_method") or not node.args:
+            continue
+        src = node.args[0]
+        x = graph.values.get(src) if isinstance(src, fx.Node) else None
+        if not isinstance(x, TensorChannels) or not x.dims:
+            continue
+        if node.target in _SPLITS:
+            _rewrite_split(node, x, removed, old_shapes)
+        elif node.target in _VIEWS:
+            _rewrite_view(node, graph.values.get(node), removed, old_shapes[node])
+        elif node.target is getattr(__import__("operator"), "getitem"):
+            _rewrite_slice(node, x, removed)
+
+
+def _rewrite_split(node: fx.Node, x: TensorChannels, removed, old_shapes) -> None:
+    nd = len(old_shapes[node.args[0]])
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    dim = dim + nd if dim < 0 else dim
+    if dim not in x.dims:
+        return
+    sizes, offset = [], 0
+    for s in old_shapes[node]:
+        part = x.sliced(dim, offset, offset + s[dim]).atoms
+        sizes.append(int(np.sum(~removed[part.reshape(-1)])))
+        offset += s[dim]
+    node.op, node.target = "call_function", torch.split
+    node.args, node.kwargs = (node.args[0], sizes, dim), {}
+
+
+def _rewrite_view(node: fx.Node, out: object, removed, old_shape) -> None:
+    if not isinstance(out, TensorChannels) or not out.dims:
+        return
+    packed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
+    shape = list(node.args[1] if packed else node.args[1:])
+    kept = ~removed[out.atoms]
+    for axis, d in enumerate(out.dims):
+        size = int(np.sum(kept.any(axis=tuple(a for a in range(kept.ndim) if a != axis))))
+        if isinstance(shape[d], int) and shape[d] != -1:
+            shape[d] = size
+    if int(kept.sum()) != int(
+        np.prod(
+            [
+                kept.any(axis=tuple(a for a in range(kept.ndim) if a != ax)).sum()
+                for ax in range(kept.ndim)
+            ]
+        )
+    ):
+        raise GraphInvariantError(f"{node.name}: pruning would leave a ragged {old_shape} view")
+    node.args = (node.args[0], tuple(shape)) if packed else (node.args[0], *shape)
+
+
+def _rewrite_slice(node: fx.Node, x: TensorChannels, removed) -> None:
+    index = node.args[1]
+    as_tuple = isinstance(index, tuple)
+    items = list(index if as_tuple else (index,))
+    if any(i is Ellipsis or i is None for i in items):
+        return  # dims shift; channel slices with Ellipsis/None are left as traced
+    for d, i in enumerate(items):
+        if isinstance(i, slice) and d in x.dims and x.dims == (d,):
+            kept_before = np.concatenate([[0], np.cumsum(~removed[x.atoms])])
+            start, stop, _ = i.indices(len(x.atoms))
+            items[d] = slice(int(kept_before[start]), int(kept_before[stop]), i.step)
+    node.args = (node.args[0], tuple(items) if as_tuple else items[0])
+
+
+def _node_shapes(node: fx.Node):
+    from graphprune import meta
+
+    return meta.output_shapes(node)
