@@ -1,5 +1,6 @@
 """graphprune: a graph-level structured-pruning compiler for PyTorch CNNs."""
 
+from .api import CompressionResult, compress
 from .analysis import ChannelGroup, analyze, build_channel_graph
 from .errors import (
     BackendUnavailableError,
@@ -15,6 +16,8 @@ from .macs import MacsReport, count_macs
 from .tracing import trace
 
 __all__ = [
+    "CompressionResult",
+    "compress",
     "BackendUnavailableError",
     "ChannelGroup",
     "ExportError",

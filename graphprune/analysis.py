@@ -8,6 +8,7 @@ every tensor which channel atom sits at each index, and which atoms form one pru
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -108,6 +109,7 @@ class Builder:
     blocked: dict[int, str] = field(default_factory=dict)
     inexact: dict[int, str] = field(default_factory=dict)
     sites: list[Site] = field(default_factory=list)
+    site_index: dict[tuple[str, int], int] = field(default_factory=dict)
     mac_layers: list[MacLayer] = field(default_factory=list)
     values: dict[fx.Node, object] = field(default_factory=dict)
 
@@ -136,11 +138,12 @@ class Builder:
 
     def site(self, path: str, axis: int, atoms: np.ndarray, role: str) -> None:
         atoms = np.asarray(atoms, dtype=np.int64)
-        for s in self.sites:
-            if s.path == path and s.axis == axis:
-                # A module called twice shares its weights: both calls' channels correspond.
-                self.uf.union_arrays(s.atoms, atoms)
-                return
+        seen = self.site_index.get((path, axis))
+        if seen is not None:
+            # A module called twice shares its weights: both calls' channels correspond.
+            self.uf.union_arrays(self.sites[seen].atoms, atoms)
+            return
+        self.site_index[(path, axis)] = len(self.sites)
         self.sites.append(Site(path, axis, atoms, role))
 
     def unknown(self, node: fx.Node, why: str) -> TensorChannels:
@@ -187,23 +190,30 @@ def analyze(gm: fx.GraphModule, *, strict: bool = False) -> list[ChannelGroup]:
 
 
 def _group(b: Builder) -> ChannelGraph:
-    """Connected components of (source) -- (class) form the groups."""
+    """Groups are the connected components of the dependency graph whose nodes are the ops
+    that create channels (sources) and whose edges join two sources sharing a channel class.
+    """
     roots = b.uf.roots()
-    g = nx.Graph()
-    for atom, root in enumerate(roots.tolist()):
-        g.add_edge(("s", b.source_of[atom]), ("c", root))
-    comps = sorted(
-        (sorted(r for kind, r in comp if kind == "c") for comp in nx.connected_components(g)),
-        key=lambda classes: classes[0],
-    )
-    atom_group = np.full(len(roots), -1, dtype=np.int64)
-    atom_pos = np.full(len(roots), -1, dtype=np.int64)
-    class_slot: dict[int, tuple[int, int]] = {}
-    for gid, classes in enumerate(comps):
-        for pos, root in enumerate(classes):
-            class_slot[root] = (gid, pos)
-    for atom, root in enumerate(roots.tolist()):
-        atom_group[atom], atom_pos[atom] = class_slot[root]
+    source_of = np.asarray(b.source_of, dtype=np.int64)
+    classes, class_of_atom = np.unique(roots, return_inverse=True)
+    pairs = np.unique(np.stack([class_of_atom, source_of]), axis=1)  # sorted by class
+    same_class = pairs[0, 1:] == pairs[0, :-1]
+    deps = nx.Graph()
+    deps.add_nodes_from(range(len(b.sources)))
+    deps.add_edges_from(zip(pairs[1, :-1][same_class].tolist(), pairs[1, 1:][same_class].tolist()))
+    # Sources are numbered in graph order, so ordering by the first source is deterministic.
+    comps = sorted((min(c) for c in nx.connected_components(deps)))
+    source_group = np.empty(len(b.sources), dtype=np.int64)
+    for comp in nx.connected_components(deps):
+        source_group[list(comp)] = comps.index(min(comp))
+    class_group = np.empty(len(classes), dtype=np.int64)
+    class_group[pairs[0]] = source_group[pairs[1]]
+    order = np.lexsort((np.arange(len(classes)), class_group))  # by group, then class age
+    starts = np.concatenate([[0], np.cumsum(np.bincount(class_group, minlength=len(comps)))])
+    class_pos = np.empty(len(classes), dtype=np.int64)
+    class_pos[order] = np.arange(len(classes)) - starts[class_group[order]]
+    atom_group, atom_pos = class_group[class_of_atom], class_pos[class_of_atom]
+    channels_of = np.bincount(class_group, minlength=len(comps))
 
     members: dict[int, list[Member]] = {gid: [] for gid in range(len(comps))}
     for s in b.sites:
@@ -211,19 +221,27 @@ def _group(b: Builder) -> ChannelGraph:
             size = int(np.sum(atom_group[s.atoms] == gid))
             members[gid].append(Member(f"{s.path}[{s.axis}]", s.role, size))
 
+    atoms_of = np.split(
+        np.argsort(atom_group, kind="stable"), np.cumsum(np.bincount(atom_group))[:-1]
+    )
+    blocked_by_group: dict[int, set[str]] = defaultdict(set)
+    for a, reason in b.blocked.items():
+        blocked_by_group[int(atom_group[a])].add(reason)
+    inexact_by_group: dict[int, set[str]] = defaultdict(set)
+    for a, reason in b.inexact.items():
+        inexact_by_group[int(atom_group[a])].add(reason)
     groups = []
-    for gid, classes in enumerate(comps):
-        atoms = np.nonzero(atom_group == gid)[0].tolist()
-        kinds = {b.sources[b.source_of[a]] for a in atoms}
+    for gid in range(len(comps)):
+        kinds = {b.sources[s] for s in np.unique(source_of[atoms_of[gid]]).tolist()}
         producers = tuple(sorted({name for name, kind in kinds if kind == "producer"}))
-        reasons = sorted({b.blocked[a] for a in atoms if a in b.blocked})
+        reasons = sorted(blocked_by_group[gid])
         if not reasons and not any(kind in ("producer", "grouped") for _, kind in kinds):
             reasons.append("no conv/linear produces these channels")
-        inexact = sorted({b.inexact[a] for a in atoms if a in b.inexact})
+        inexact = sorted(inexact_by_group[gid])
         groups.append(
             ChannelGroup(
                 id=gid,
-                channels=len(classes),
+                channels=int(channels_of[gid]),
                 members=tuple(members[gid]),
                 producers=producers,
                 prunable=not reasons,
@@ -232,6 +250,4 @@ def _group(b: Builder) -> ChannelGraph:
                 inexact_reasons=tuple(inexact),
             )
         )
-    return ChannelGraph(
-        groups, b.sites, b.values, b.mac_layers, atom_group, atom_pos, np.asarray(b.source_of)
-    )
+    return ChannelGraph(groups, b.sites, b.values, b.mac_layers, atom_group, atom_pos, source_of)

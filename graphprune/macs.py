@@ -32,11 +32,17 @@ def count_params(model: nn.Module) -> int:
 @torch.no_grad()
 def count_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> MacsReport:
     """Run one forward pass under FlopCounterMode and return MACs of conv and linear layers."""
+    from .tracing import on_meta
+
     was_training = model.training
     model.eval()
     try:
         with FlopCounterMode(display=False) as counter:
-            model(*example_inputs)
+            try:
+                on_meta(model, example_inputs)  # counts need shapes only
+            except (NotImplementedError, RuntimeError):
+                counter.flop_counts.clear()
+                model(*example_inputs)
     finally:
         model.train(was_training)
     counts = counter.get_flop_counts()

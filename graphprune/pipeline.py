@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 
 from . import meta
-from .errors import GraphInvariantError
+from .errors import GraphInvariantError, PlanError
 from .tracing import example_inputs_of, propagate_shapes
 
 
@@ -52,6 +52,8 @@ def run_passes(gm: fx.GraphModule, passes: Sequence[Pass], ctx: PassContext) -> 
             gm.recompile()
             if ctx.verify:
                 verify(gm)
+        except PlanError:
+            raise  # the caller's input, not a broken pass
         except Exception as exc:
             before = ", ".join(done) or "none"
             raise GraphInvariantError(
@@ -101,7 +103,7 @@ def set_tensor(gm: nn.Module, path: str, value: torch.Tensor) -> None:
     owner = gm.get_submodule(owner_path) if owner_path else gm
     old = getattr(owner, attr)
     if isinstance(old, nn.Parameter):
-        setattr(owner, attr, nn.Parameter(value.detach().clone(), old.requires_grad))
+        setattr(owner, attr, nn.Parameter(value.detach(), old.requires_grad))
     else:
         owner.register_buffer(
             attr, value.detach().clone(), persistent=attr not in owner._non_persistent_buffers_set

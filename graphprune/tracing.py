@@ -27,7 +27,7 @@ _TORCH_DIR = str(Path(torch.__file__).parent)
 class _LeafTracer(fx.Tracer):
     """fx's default leaves (torch.nn modules) plus the user's own leaf module types."""
 
-    def __init__(self, leaf_types: tuple[type[nn.Module], ...]) -> None:
+    def __init__(self, leaf_types: tuple[type[nn.Module], ...] = ()) -> None:
         super().__init__()
         self.leaf_types = leaf_types
 
@@ -60,6 +60,9 @@ def trace(
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises many types; all mean "not traceable"
         raise TraceError(_explain_trace_failure(model, exc)) from exc
+    for node in graph.nodes:
+        # Type annotations become globals of the generated code that torch.save cannot pickle.
+        node.type = None
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta[EXAMPLE_INPUTS] = tuple(t.detach().clone() for t in example_inputs)
     propagate_shapes(gm)
@@ -73,9 +76,34 @@ class _ShapeRecorder(fx.Interpreter):
         return value
 
 
+class _RecordingRunner(nn.Module):
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, *inputs):
+        return _ShapeRecorder(self.gm).run(*inputs)
+
+
+@torch.no_grad()
+def on_meta(module: nn.Module, inputs: Sequence[torch.Tensor]):
+    """Call ``module`` on meta tensors: shapes (and FLOP counts) without any arithmetic.
+
+    Parameters are swapped for meta stand-ins with functional_call; the module is untouched.
+    """
+    state = {
+        name: torch.empty_like(t, device="meta")
+        for name, t in [
+            *module.named_parameters(remove_duplicate=False),
+            *module.named_buffers(remove_duplicate=False),
+        ]
+    }
+    return torch.func.functional_call(module, state, tuple(t.to("meta") for t in inputs))
+
+
 @torch.no_grad()
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor] | None = None):
-    """(Re)compute node shapes by running the example inputs in eval mode.
+    """(Re)compute node shapes by running the example inputs, on meta tensors, in eval mode.
 
     Eval mode, so BatchNorm running statistics are not updated by this bookkeeping run.
     """
@@ -86,7 +114,10 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor] 
     was_training = gm.training
     gm.eval()
     try:
-        _ShapeRecorder(gm).run(*example_inputs)
+        try:
+            on_meta(_RecordingRunner(gm), example_inputs)
+        except (NotImplementedError, RuntimeError):  # an op without a meta kernel: run it
+            _ShapeRecorder(gm).run(*example_inputs)
     except Exception as exc:
         raise TraceError(f"running the traced graph on the example inputs failed: {exc}") from exc
     finally:

@@ -1,0 +1,98 @@
+"""The one-call API: ``compress(model, method=..., ...)`` and friends.
+
+Entry points copy the user's model (trace() does), so it is never mutated.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from .analysis import analyze
+from .errors import PlanError
+from .macs import count_macs
+from .report import CompressionReport, build_report
+from .tracing import trace
+
+METHODS = ("magnitude", "resrep")
+
+
+@dataclass(frozen=True, slots=True)
+class CompressionResult:
+    """The pruned model (an ordinary nn.Module) and what was done to get it."""
+
+    model: fx.GraphModule
+    report: CompressionReport
+
+
+def compress(
+    model: nn.Module,
+    method: str = "magnitude",
+    *,
+    example_inputs: Sequence[torch.Tensor],
+    flops_target: float = 0.5,
+    round_to: int = 8,
+    leaf_modules: Iterable[type[nn.Module]] = (),
+    strict: bool = False,
+    verify: bool = False,
+    **options: object,
+) -> CompressionResult:
+    """Prune ``model`` until its MACs are ``flops_target`` x the dense MACs.
+
+    ``flops_target`` is remaining MACs / dense MACs, as in the papers (0.5 = half the MACs).
+    ``round_to`` rounds kept widths up to hardware-friendly multiples. Method-specific
+    options (e.g. ResRep's ``train_loader``, ``epochs``) pass through ``options``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if not isinstance(flops_target, (int, float)) or not 0.0 < flops_target < 1.0:
+        raise PlanError(
+            f"flops_target={flops_target!r}: must be in (0, 1), the fraction of dense MACs to "
+            "keep (0.5 keeps half)"
+        )
+    start = time.perf_counter()
+    gm = trace(model, example_inputs, leaf_modules=leaf_modules)
+    groups = analyze(gm, strict=strict)
+    dense = count_macs(gm, example_inputs)
+    if not any(g.prunable for g in groups):
+        reasons = "; ".join(sorted({r for g in groups for r in g.reasons}))
+        raise PlanError(f"{type(model).__name__} has no prunable channel group ({reasons})")
+    if method == "magnitude":
+        from .methods.magnitude import compress_magnitude
+
+        if options:
+            raise TypeError(f"magnitude takes no options {sorted(options)}")
+        pruned, stats, extra = compress_magnitude(
+            gm,
+            flops_target=flops_target,
+            round_to=round_to,
+            layer_macs=dense.per_layer,
+            verify=verify,
+        )
+    else:
+        from .methods.resrep import compress_resrep
+
+        pruned, stats, extra = compress_resrep(
+            gm,
+            flops_target=flops_target,
+            round_to=round_to,
+            layer_macs=dense.per_layer,
+            verify=verify,
+            **options,
+        )
+    pruned.eval()
+    report = build_report(
+        method,
+        flops_target,
+        dense,
+        count_macs(pruned, example_inputs),
+        groups,
+        dict(stats.get("widths", {})),
+        time.perf_counter() - start,
+        extra,
+    )
+    return CompressionResult(pruned, report)

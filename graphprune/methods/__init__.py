@@ -1,0 +1,1 @@
+"""Pruning methods: each is prepare passes + training hooks + finalize passes on the same core."""

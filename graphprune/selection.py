@@ -1,0 +1,157 @@
+"""Choosing which channels to keep: importance scores and a MACs-targeted global ranking.
+
+The MACs model: a conv/linear layer's MACs scale with the fraction of its input channels kept
+(dense layers only; a grouped conv's per-group input width is fixed) times the fraction of its
+output channels kept. Each group contributes a fixed number of indices per channel to each
+layer, so remaining MACs are a cheap function of how many channels each group keeps. The
+pruned model is always re-measured with FlopCounterMode; the model only guides the search.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import fx
+
+from .analysis import ChannelGraph
+from .errors import PlanError
+from .pipeline import get_tensor
+
+
+def l2_scores(gm: fx.GraphModule, graph: ChannelGraph) -> dict[int, np.ndarray]:
+    """Per prunable group: for each channel, the L2 norms of its slices summed over members."""
+    scores = {g.id: np.zeros(g.channels) for g in graph.groups if g.prunable}
+    for s in graph.sites:
+        if s.role == "stat" or s.atoms.ndim != 1:
+            continue
+        w = get_tensor(gm, s.path).detach()
+        norms = torch.linalg.vector_norm(w.transpose(0, s.axis).reshape(w.shape[s.axis], -1), dim=1)
+        gids, pos = graph.positions(s.atoms)
+        for gid in np.unique(gids).tolist():
+            if gid in scores:
+                hit = gids == gid
+                np.add.at(scores[gid], pos[hit], norms.numpy()[hit])
+    return scores
+
+
+class MacsModel:
+    """Predicted MACs as a function of kept channels per group."""
+
+    def __init__(self, graph: ChannelGraph, layer_macs: Mapping[str, int]) -> None:
+        self.graph = graph
+        self.layers = []  # (dense macs, in size, out size, {gid: per-channel count} in/out)
+        self.touching: dict[int, list[int]] = defaultdict(list)
+        for layer in graph.mac_layers:
+            dense = int(layer_macs.get(layer.target, 0))
+            if not dense:
+                continue
+            sides = [self._counts(layer.in_atoms), self._counts(layer.out_atoms)]
+            index = len(self.layers)
+            self.layers.append((dense, sides))
+            for gid in set(sides[0]) | set(sides[1]):
+                self.touching[gid].append(index)
+        self.kept = {g.id: g.channels for g in graph.groups}
+        self.layer_macs = [self._layer(i) for i in range(len(self.layers))]
+        self.dense = sum(d for d, _ in self.layers)
+
+    def _counts(self, atoms: np.ndarray | None) -> dict[int, float]:
+        if atoms is None:
+            return {}
+        gids = self.graph.atom_group[atoms.reshape(-1)]
+        return {
+            int(g): float(np.sum(gids == g)) / self.graph.groups[int(g)].channels
+            for g in np.unique(gids)
+        }
+
+    def _layer(self, i: int) -> float:
+        dense, sides = self.layers[i]
+        frac = 1.0
+        for counts in sides:
+            if counts:
+                full = sum(c * self.graph.groups[g].channels for g, c in counts.items())
+                frac *= sum(c * self.kept[g] for g, c in counts.items()) / full
+        return dense * frac
+
+    def set_kept(self, gid: int, kept: int) -> None:
+        self.kept[gid] = kept
+        for i in self.touching.get(gid, ()):
+            self.layer_macs[i] = self._layer(i)
+
+    @property
+    def macs(self) -> float:
+        return float(sum(self.layer_macs))
+
+
+def _rounded(kept: int, total: int, round_to: int) -> int:
+    if round_to <= 1 or total < round_to:
+        return kept
+    return min(total, -(-kept // round_to) * round_to)
+
+
+def select_channels(
+    graph: ChannelGraph,
+    scores: Mapping[int, np.ndarray],
+    layer_macs: Mapping[str, int],
+    flops_target: float,
+    *,
+    round_to: int = 1,
+) -> dict[int, np.ndarray]:
+    """Drop the globally lowest-scoring channels until remaining MACs <= target x dense.
+
+    Never empties a group; widths are rounded up to ``round_to`` as they will be pruned, so
+    the MACs the search sees are the MACs the pruned model has. Returns kept indices per
+    group. Raises PlanError when even one channel per group stays above the target.
+    """
+    if not 0.0 < flops_target < 1.0:
+        raise PlanError(
+            f"flops_target={flops_target}: must be in (0, 1), the fraction of dense MACs to keep"
+        )
+    model = MacsModel(graph, layer_macs)
+    target = flops_target * model.dense
+    order = sorted((float(s), gid, pos) for gid, arr in scores.items() for pos, s in enumerate(arr))
+    removed = defaultdict(int)
+    for _, gid, _pos in order:
+        if model.macs <= target:
+            break
+        n = graph.groups[gid].channels
+        if n - removed[gid] <= 1:
+            continue
+        removed[gid] += 1
+        model.set_kept(gid, _rounded(n - removed[gid], n, round_to))
+    if model.macs > target * (1 + 1e-9):
+        raise PlanError(
+            f"flops_target={flops_target} is out of reach: keeping one channel per prunable "
+            f"group still leaves {model.macs / model.dense:.3f} of the dense MACs; ask for at "
+            f"least {model.macs / model.dense:.3f} or make more layers prunable"
+        )
+    plan = {}
+    for gid, arr in scores.items():
+        keep = model.kept[gid]
+        if keep < graph.groups[gid].channels:
+            best = np.argsort(-np.asarray(arr), kind="stable")[:keep]
+            plan[gid] = np.sort(best)
+    return keep_every_member_alive(graph, plan, scores)
+
+
+def keep_every_member_alive(
+    graph: ChannelGraph, plan: dict[int, np.ndarray], scores: Mapping[int, np.ndarray]
+) -> dict[int, np.ndarray]:
+    """Give back the best channel to any member (e.g. one half of a split) left empty."""
+    removed = graph.removed_mask(plan)
+    for s in graph.sites:
+        if s.atoms.size and removed[s.atoms].all():
+            gids, pos = graph.positions(s.atoms.reshape(-1))
+            gid = int(gids[0])
+            candidates = np.unique(pos[gids == gid])
+            best = candidates[np.argmax(np.asarray(scores[gid])[candidates])]
+            plan[gid] = np.union1d(plan[gid], [best])
+            removed = graph.removed_mask(plan)
+    return plan
+
+
+def normalized(scores: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """Divide each group's scores by their mean so groups of different scale compare."""
+    return {g: s / (s.mean() if s.mean() > 0 else 1.0) for g, s in scores.items()}
