@@ -1,7 +1,7 @@
 """graphprune: a graph-level structured-pruning compiler for PyTorch CNNs."""
 
-from .api import CompressionResult, compress
 from .analysis import ChannelGroup, analyze, build_channel_graph
+from .api import CompressionResult, compress
 from .errors import (
     BackendUnavailableError,
     ExportError,

@@ -82,6 +82,7 @@ class ChannelGraph:
     atom_group: np.ndarray  # atom -> group id
     atom_pos: np.ndarray  # atom -> channel index inside its group
     atom_source: np.ndarray  # atom -> index of the op that created it
+    sources: list[tuple[str, str]]  # (module or node name, kind) per source index
 
     def positions(self, atoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.atom_group[atoms], self.atom_pos[atoms]
@@ -202,7 +203,7 @@ def _group(b: Builder) -> ChannelGraph:
     deps.add_nodes_from(range(len(b.sources)))
     deps.add_edges_from(zip(pairs[1, :-1][same_class].tolist(), pairs[1, 1:][same_class].tolist()))
     # Sources are numbered in graph order, so ordering by the first source is deterministic.
-    comps = sorted((min(c) for c in nx.connected_components(deps)))
+    comps = sorted(min(c) for c in nx.connected_components(deps))
     source_group = np.empty(len(b.sources), dtype=np.int64)
     for comp in nx.connected_components(deps):
         source_group[list(comp)] = comps.index(min(comp))
@@ -250,4 +251,6 @@ def _group(b: Builder) -> ChannelGraph:
                 inexact_reasons=tuple(inexact),
             )
         )
-    return ChannelGraph(groups, b.sites, b.values, b.mac_layers, atom_group, atom_pos, source_of)
+    return ChannelGraph(
+        groups, b.sites, b.values, b.mac_layers, atom_group, atom_pos, source_of, b.sources
+    )

@@ -31,6 +31,9 @@ class TensorChannels:
     dims: tuple[int, ...]
     atoms: np.ndarray
     opaque: bool = False
+    # True when a channel whose producer entries are all zero may be non-zero here (it went
+    # through sigmoid, a non-affine BatchNorm, "+ 1", ...): removing it is then not exact.
+    nonzero_when_zeroed: bool = False
 
     @staticmethod
     def unknown() -> TensorChannels:
@@ -54,14 +57,22 @@ class TensorChannels:
             raise ChannelError(f"channels on dims {self.dims}, expected exactly dim {dim}")
         return self.atoms
 
-    def shifted(self, offset: int) -> TensorChannels:
-        return TensorChannels(tuple(d + offset for d in self.dims), self.atoms, self.opaque)
+    def with_dims(self, dims: tuple[int, ...], atoms: np.ndarray | None = None) -> TensorChannels:
+        """Same flags, new dims (and atoms)."""
+        atoms = self.atoms if atoms is None else atoms
+        return TensorChannels(dims, atoms, self.opaque, self.nonzero_when_zeroed)
+
+    def offset_dims(self, offset: int) -> TensorChannels:
+        return self.with_dims(tuple(d + offset for d in self.dims))
+
+    def marked_nonzero(self, flag: bool = True) -> TensorChannels:
+        return TensorChannels(self.dims, self.atoms, self.opaque, flag)
 
     def permuted(self, perm: list[int]) -> TensorChannels:
         """Output dim i is input dim perm[i]."""
         new_dims = [perm.index(d) for d in self.dims]
         order = np.argsort(new_dims)
-        return TensorChannels(tuple(sorted(new_dims)), np.transpose(self.atoms, order), self.opaque)
+        return self.with_dims(tuple(sorted(new_dims)), np.transpose(self.atoms, order))
 
     def sliced(self, dim: int, start: int, stop: int) -> TensorChannels:
         if dim not in self.dims:
@@ -69,14 +80,14 @@ class TensorChannels:
         axis = self.dims.index(dim)
         index = [slice(None)] * len(self.dims)
         index[axis] = slice(start, stop)
-        return TensorChannels(self.dims, self.atoms[tuple(index)], self.opaque)
+        return self.with_dims(self.dims, self.atoms[tuple(index)])
 
     def without_dims(self, removed: list[int]) -> TensorChannels:
         """Drop channel-free dims (reductions, integer indexing); later dims shift down."""
         if any(d in self.dims for d in removed):
             raise ChannelError(f"dims {removed} carry channels")
         dims = tuple(d - sum(r < d for r in removed) for d in self.dims)
-        return TensorChannels(dims, self.atoms, self.opaque)
+        return self.with_dims(dims)
 
     def reshaped(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> TensorChannels:
         """Follow a view/reshape/flatten/squeeze from ``in_shape`` to ``out_shape``.
@@ -101,7 +112,7 @@ class TensorChannels:
             )
             keep = [a for a in range(grid.ndim) if not _constant_along(grid, a)]
             grid = grid[tuple(slice(None) if a in keep else 0 for a in range(grid.ndim))]
-            return TensorChannels(tuple(gj[a] for a in keep), np.ascontiguousarray(grid))
+            return self.with_dims(tuple(gj[a] for a in keep), np.ascontiguousarray(grid))
         raise ChannelError(f"cannot follow reshape {in_shape} -> {out_shape}")
 
 

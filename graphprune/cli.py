@@ -47,7 +47,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         }
         print(json.dumps(out, indent=2))
         return 0
-    print(f"{args.model}: {macs.macs / 1e6:.3f} M MACs (conv+linear), {macs.params / 1e6:.4f} M params")
+    print(
+        f"{args.model}: {macs.macs / 1e6:.3f} M MACs (conv+linear), {macs.params / 1e6:.4f} M params"
+    )
     print(f"{len(groups)} channel groups, {sum(g.prunable for g in groups)} prunable")
     print(f"{'id':>4} {'channels':>8} {'members':>7}  {'status':<10} producers / reason")
     for g in groups:
@@ -71,8 +73,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
         if args.checkpoint_dir:
             options.update(checkpoint_dir=args.checkpoint_dir, resume=args.resume)
     result = compress(
-        model, args.method, example_inputs=inputs, flops_target=args.flops_target,
-        round_to=args.round_to, **options,
+        model,
+        args.method,
+        example_inputs=inputs,
+        flops_target=args.flops_target,
+        round_to=args.round_to,
+        **options,
     )
     if args.out:
         save_model(args.out, result.model, inputs, result.report.to_dict())
@@ -102,8 +108,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(flops_target=args.flops_target, epochs=args.epochs, out=Path(args.out),
-             base_epochs=args.base_epochs)
+    run_demo(
+        flops_target=args.flops_target,
+        epochs=args.epochs,
+        out=Path(args.out),
+        base_epochs=args.base_epochs,
+    )
     return 0
 
 
@@ -120,8 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("compress", help="prune a model to a MACs target")
     s.add_argument("model")
     s.add_argument("--method", default="magnitude", choices=["magnitude", "resrep"])
-    s.add_argument("--flops-target", type=float, default=0.5,
-                   help="remaining MACs / dense MACs (0.5 keeps half)")
+    s.add_argument(
+        "--flops-target",
+        type=float,
+        default=0.5,
+        help="remaining MACs / dense MACs (0.5 keeps half)",
+    )
     s.add_argument("--round-to", type=int, default=8)
     s.add_argument("--data", default="digits", help="resrep: digits or fashion-mnist")
     s.add_argument("--epochs", type=int, default=10)

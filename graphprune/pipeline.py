@@ -22,10 +22,11 @@ from .tracing import example_inputs_of, propagate_shapes
 class PassContext:
     """Options shared by passes; each pass reads the fields it documents."""
 
-    plan: Mapping[int, Sequence[int]] | None = None  # group id -> kept channel indices
+    plan: Mapping[int, Sequence[int]] | None = None  # group id -> kept; None: drop zero channels
     scores: Mapping[int, Sequence[float]] | None = None  # group id -> importance per channel
     round_to: int = 8  # kept widths rounded up to a multiple of this (1 = exact plan)
     fold_threshold: float = 1e-5  # compactor rows with a smaller L2 norm are removed
+    internal_only: bool = False  # ResRep: compactors only on groups with a single producer
     verify: bool = False  # run verify() after every pass (tests, debugging)
 
 

@@ -128,6 +128,7 @@ def _conv(b: Builder, node: fx.Node, m: nn.Module) -> TensorChannels:
     kind = "producer" if g == 1 else "grouped"
     out = b.fresh(cout, t, kind)
     x_atoms = x.along(1) if 1 in x.dims else None
+    _consumes(b, node, x)
     if g == 1:
         if x_atoms is not None:
             b.site(f"{t}.weight", in_axis, x_atoms, "in")
@@ -147,6 +148,17 @@ def _conv(b: Builder, node: fx.Node, m: nn.Module) -> TensorChannels:
     return TensorChannels((1,), out)
 
 
+def _consumes(b: Builder, node: fx.Node, x: TensorChannels) -> None:
+    """A layer reading channels that are not zero when their producers are zeroed: removing
+    them changes this layer's output, so their groups are not exact."""
+    if x.nonzero_when_zeroed and x.dims:
+        b.mark_inexact(
+            x.all_atoms(),
+            f"{node.name}: reads channels that an earlier op (sigmoid, non-affine norm, "
+            "+constant, ...) makes non-zero even when zeroed",
+        )
+
+
 def _mac(target: str, in_atoms: np.ndarray | None, out_atoms: np.ndarray):
     from .analysis import MacLayer
 
@@ -162,6 +174,7 @@ def _linear(b: Builder, node: fx.Node, m: nn.Linear) -> TensorChannels:
     if x.dims and x.dims != (last,):
         raise ChannelError("linear over a tensor with channels on other dims than the last")
     in_atoms = x.atoms if x.dims else None
+    _consumes(b, node, x)
     if in_atoms is not None:
         b.site(f"{t}.weight", 1, in_atoms, "in")
     b.site(f"{t}.weight", 0, out, "out")
@@ -184,7 +197,11 @@ def _batchnorm(b: Builder, node: fx.Node, m: nn.Module) -> TensorChannels:
     ):
         if tensor is not None and tensor.dim() == 1 and tensor.numel() == len(atoms):
             b.site(f"{t}.{name}", 0, atoms, "out" if name in ("weight", "bias") else "stat")
-    return x
+    if getattr(m, "affine", False):
+        return x.marked_nonzero(False)  # zeroed γ and β give exactly zero
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return x.marked_nonzero(True)  # a zero channel comes out as -μ/σ
+    return x  # instance norm maps a constant channel to zero; keeps what came in
 
 
 @register(nn.GroupNorm)
@@ -202,7 +219,7 @@ def _groupnorm(b: Builder, node: fx.Node, m: nn.GroupNorm) -> TensorChannels:
         b.site(f"{t}.bias", 0, atoms, "out")
     else:
         b.block(atoms, f"{t}: GroupNorm without affine parameters")
-    return x
+    return x.marked_nonzero(False)
 
 
 @register(nn.LayerNorm)
@@ -222,7 +239,7 @@ def _layernorm(b: Builder, node: fx.Node, m: nn.LayerNorm) -> TensorChannels:
     if m.bias is not None:
         b.site(f"{t}.bias", axis, atoms, "out")
     b.mark_inexact(atoms, f"{t}: LayerNorm statistics include every channel")
-    return x
+    return x.marked_nonzero(False)
 
 
 @register(nn.PReLU)
@@ -234,68 +251,42 @@ def _prelu(b: Builder, node: fx.Node, m: nn.PReLU) -> TensorChannels:
 
 
 # --- ops that pass channels through unchanged ---------------------------------------------
-_ELEMENTWISE_MODULES = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Hardtanh,
-    nn.Softplus,
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-)
-_ELEMENTWISE_FUNCTIONS = (
-    F.relu,
-    F.relu6,
-    F.leaky_relu,
-    F.elu,
-    F.selu,
-    F.gelu,
-    F.silu,
-    F.mish,
-    F.hardswish,
-    F.hardsigmoid,
-    F.hardtanh,
-    F.softplus,
-    F.dropout,
-    F.dropout2d,
-    torch.relu,
-    torch.sigmoid,
-    torch.tanh,
-    torch.clamp,
-    torch.clone,
-    F.sigmoid,
-    F.tanh,
-)
-_ELEMENTWISE_METHODS = (
-    "relu",
-    "relu_",
-    "sigmoid",
-    "tanh",
-    "clamp",
-    "clamp_",
-    "contiguous",
-    "clone",
-    "detach",
-    "float",
-    "half",
-    "to",
-    "type_as",
-    "sigmoid_",
-)
+# Elementwise ops with f(0) = 0: a zeroed channel stays zero.
+_ELEMENTWISE = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Tanh, nn.Hardswish, nn.Hardtanh, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d, nn.AlphaDropout,
+    F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.hardswish,
+    F.hardtanh, F.dropout, F.dropout2d, torch.relu, torch.tanh, torch.clone, F.tanh,
+    "relu", "relu_", "tanh", "contiguous", "clone", "detach", "float", "half", "to", "type_as",
+)  # fmt: skip
+# Elementwise ops with f(0) != 0: a zeroed channel comes out non-zero.
+_NONZERO_AT_ZERO = (
+    nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, torch.sigmoid, F.sigmoid, F.hardsigmoid,
+    F.softplus, "sigmoid", "sigmoid_", torch.exp, "exp",
+)  # fmt: skip
+
+
+@register(*_ELEMENTWISE)
+def _elementwise(b: Builder, node: fx.Node, m: nn.Module | None) -> TensorChannels:
+    return _tc(b, node.args[0])
+
+
+@register(*_NONZERO_AT_ZERO)
+def _nonzero_at_zero(b: Builder, node: fx.Node, m: nn.Module | None) -> TensorChannels:
+    return _tc(b, node.args[0]).marked_nonzero()
+
+
+@register(torch.clamp, "clamp", "clamp_")
+def _clamp(b: Builder, node: fx.Node, m: object) -> TensorChannels:
+    low, high = _arg(node, 1, "min"), _arg(node, 2, "max")
+    moves_zero = (isinstance(low, (int, float)) and low > 0) or (
+        isinstance(high, (int, float)) and high < 0
+    )
+    x = _tc(b, node.args[0])
+    return x.marked_nonzero() if moves_zero or isinstance(low, fx.Node) else x
+
+
 _SPATIAL = (
     nn.MaxPool1d,
     nn.MaxPool2d,
@@ -336,11 +327,6 @@ _SPATIAL = (
 )
 
 
-@register(*_ELEMENTWISE_MODULES, *_ELEMENTWISE_FUNCTIONS, *_ELEMENTWISE_METHODS)
-def _elementwise(b: Builder, node: fx.Node, m: nn.Module | None) -> TensorChannels:
-    return _tc(b, node.args[0])
-
-
 @register(*_SPATIAL)
 def _spatial(b: Builder, node: fx.Node, m: nn.Module | None) -> TensorChannels:
     """Pooling, resizing, padding: fine as long as no channel dim changes size."""
@@ -348,7 +334,10 @@ def _spatial(b: Builder, node: fx.Node, m: nn.Module | None) -> TensorChannels:
     in_shape, out_shape = _shape(node.args[0]), _shape(node)
     if len(in_shape) != len(out_shape) or any(in_shape[d] != out_shape[d] for d in x.dims):
         raise ChannelError(f"changes a channel dim: {in_shape} -> {out_shape}")
-    return x
+    pad_value = getattr(m, "value", None) if m is not None else None
+    if node.target is F.pad:
+        pad_value = _arg(node, 3, "value", 0)
+    return x.marked_nonzero(True) if pad_value not in (None, 0, 0.0) else x
 
 
 @register(
@@ -360,54 +349,56 @@ def _softmax(b: Builder, node: fx.Node, m: nn.Module | None) -> TensorChannels:
     d = m.dim if m is not None else _arg(node, 1, "dim")
     if d is None or _dim(int(d), nd) in x.dims:
         raise ChannelError("softmax normalizes over channels")
-    return x
+    return x.marked_nonzero()  # a zero channel becomes uniform 1/N
 
 
 # --- combining tensors ------------------------------------------------------------------------
-_BINARY = (
-    operator.add,
-    operator.sub,
-    operator.mul,
-    operator.truediv,
-    operator.iadd,
-    operator.imul,
-    torch.add,
-    torch.sub,
-    torch.mul,
-    torch.div,
-    "add",
-    "add_",
-    "sub",
-    "mul",
-    "mul_",
-    "div",
-)
+_ADD = (operator.add, operator.sub, operator.iadd, torch.add, torch.sub, "add", "add_", "sub")
+_MUL = (operator.mul, operator.imul, torch.mul, "mul", "mul_")
+_DIV = (operator.truediv, torch.div, "div")
 
 
-@register(*_BINARY)
+@register(*_ADD, *_MUL, *_DIV)
 def _binary(b: Builder, node: fx.Node, m: object) -> object:
     """Elementwise with broadcasting: aligned channel dims are the same channels."""
     out_nd = len(_shape(node))
-    operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
     tensors: list[tuple[TensorChannels, tuple[int, ...]]] = []
     params: list[tuple[str, tuple[int, ...]]] = []
-    for a in operands:
-        v = b.values.get(a)
+    for a in node.args[:2]:
+        v = b.values.get(a) if isinstance(a, fx.Node) else None
         if isinstance(v, ParamValue):
             params.append((v.path, _shape(a)))
         elif isinstance(v, TensorChannels):
-            tensors.append((v.shifted(out_nd - len(_shape(a))), _shape(a)))
+            tensors.append((v.offset_dims(out_nd - len(_shape(a))), _shape(a)))
     if not tensors:
         return TensorChannels.free() if params else None
-    x, x_shape = tensors[0]
-    if len(tensors) == 2:
-        x = _unify(b, tensors[0], tensors[1], out_nd)
+    x = tensors[0][0] if len(tensors) == 1 else _unify(b, tensors[0], tensors[1], out_nd)
     for path, p_shape in params:
         for axis, size in enumerate(p_shape):
             d = axis + out_nd - len(p_shape)
             if size > 1 and d in x.dims:
                 b.site(path, axis, x.along(d), "out")
-    return x
+    return x.marked_nonzero(_nonzero_after(node, tensors, params))
+
+
+def _nonzero_after(node: fx.Node, tensors, params) -> bool:
+    """Can a zeroed channel be non-zero in the result? (0 + c, 0 / 0, sigmoid(0) * 1, ...)"""
+    flags = [t.nonzero_when_zeroed for t, _ in tensors]
+    carries = [t.carries for t, _ in tensors]
+    scalars = [a for a in node.args[:2] if isinstance(a, (int, float))]
+    if node.target in _MUL:
+        if params:
+            return False  # the parameter's own entries for the channel are zeroed
+        return all(flags) if all(carries) else any(f for f, c in zip(flags, carries) if c)
+    if node.target in _DIV:
+        divisor = (
+            tensors[-1][0]
+            if len(tensors) == 2 or not isinstance(node.args[0], (int, float))
+            else None
+        )
+        return flags[0] or (len(tensors) == 2 and divisor is not None and divisor.carries)
+    # addition: a non-zero constant or a tensor without these channels shifts a zero channel
+    return any(flags) or any(v != 0 for v in scalars) or (len(tensors) == 2 and not all(carries))
 
 
 def _unify(b: Builder, left, right, out_nd: int) -> TensorChannels:
@@ -452,7 +443,8 @@ def _cat(b: Builder, node: fx.Node, m: object) -> TensorChannels:
             seg = b.fresh(_shape(a)[d], f"{node.name}:segment", "input")
             b.block(seg, f"{node.name}: cat input {a.name} has unknown channels")
             parts.append(seg)
-    return TensorChannels((d,), np.concatenate(parts))
+    flag = any(v.nonzero_when_zeroed for v in values)
+    return TensorChannels((d,), np.concatenate(parts), nonzero_when_zeroed=flag)
 
 
 @register(torch.split, torch.chunk, "split", "chunk", torch.tensor_split, "tensor_split")
@@ -506,7 +498,7 @@ def _getitem(b: Builder, node: fx.Node, m: object) -> object:
             raise ChannelError(f"unsupported index {i!r}")
     out = out.without_dims(removed)
     for p in inserted:
-        out = TensorChannels(tuple(x + (x >= p) for x in out.dims), out.atoms, out.opaque)
+        out = out.with_dims(tuple(x + (x >= p) for x in out.dims))
     return out
 
 

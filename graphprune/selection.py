@@ -101,39 +101,62 @@ def select_channels(
 ) -> dict[int, np.ndarray]:
     """Drop the globally lowest-scoring channels until remaining MACs <= target x dense.
 
-    Never empties a group; widths are rounded up to ``round_to`` as they will be pruned, so
-    the MACs the search sees are the MACs the pruned model has. Returns kept indices per
-    group. Raises PlanError when even one channel per group stays above the target.
+    Returns kept indices per group. Raises PlanError when even one channel per group stays
+    above the target, naming the smallest reachable fraction.
     """
     if not 0.0 < flops_target < 1.0:
         raise PlanError(
             f"flops_target={flops_target}: must be in (0, 1), the fraction of dense MACs to keep"
         )
+    plan, reached = walk(graph, scores, layer_macs, flops_target, round_to=round_to)
+    if not reached:
+        model = MacsModel(graph, layer_macs)
+        for gid in scores:
+            model.set_kept(gid, _rounded(1, graph.groups[gid].channels, round_to))
+        floor = model.macs / model.dense
+        raise PlanError(
+            f"flops_target={flops_target} is out of reach: keeping one channel per prunable "
+            f"group still leaves {floor:.3f} of the dense MACs; ask for at least {floor:.3f} "
+            "or make more layers prunable"
+        )
+    return keep_every_member_alive(graph, plan, scores)
+
+
+def walk(
+    graph: ChannelGraph,
+    scores: Mapping[int, np.ndarray],
+    layer_macs: Mapping[str, int],
+    flops_target: float,
+    *,
+    round_to: int = 1,
+    max_drop: int | None = None,
+) -> tuple[dict[int, np.ndarray], bool]:
+    """The global walk: lowest score first, never emptying a group, widths rounded up to
+    ``round_to`` as they will be pruned (so the MACs seen are the MACs the model will have),
+    dropping at most ``max_drop`` channels. Returns (kept per changed group, target reached).
+    """
     model = MacsModel(graph, layer_macs)
     target = flops_target * model.dense
     order = sorted((float(s), gid, pos) for gid, arr in scores.items() for pos, s in enumerate(arr))
-    removed = defaultdict(int)
+    removed: dict[int, int] = defaultdict(int)
+    dropped = 0  # channels actually dropped after rounding, what max_drop limits
     for _, gid, _pos in order:
-        if model.macs <= target:
+        if model.macs <= target or (max_drop is not None and dropped >= max_drop):
             break
         n = graph.groups[gid].channels
         if n - removed[gid] <= 1:
             continue
         removed[gid] += 1
+        before = model.kept[gid]
         model.set_kept(gid, _rounded(n - removed[gid], n, round_to))
-    if model.macs > target * (1 + 1e-9):
-        raise PlanError(
-            f"flops_target={flops_target} is out of reach: keeping one channel per prunable "
-            f"group still leaves {model.macs / model.dense:.3f} of the dense MACs; ask for at "
-            f"least {model.macs / model.dense:.3f} or make more layers prunable"
-        )
+        dropped += before - model.kept[gid]
     plan = {}
     for gid, arr in scores.items():
         keep = model.kept[gid]
         if keep < graph.groups[gid].channels:
             best = np.argsort(-np.asarray(arr), kind="stable")[:keep]
             plan[gid] = np.sort(best)
-    return keep_every_member_alive(graph, plan, scores)
+    return plan, model.macs <= target * (1 + 1e-9)
 
 
 def keep_every_member_alive(

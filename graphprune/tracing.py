@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 
 from . import meta
+from .compactor import Compactor
 from .errors import TraceError
 
 EXAMPLE_INPUTS = "graphprune.example_inputs"
@@ -32,7 +33,7 @@ class _LeafTracer(fx.Tracer):
         self.leaf_types = leaf_types
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if self.leaf_types and isinstance(m, self.leaf_types):
+        if isinstance(m, Compactor) or (self.leaf_types and isinstance(m, self.leaf_types)):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -51,6 +52,8 @@ def trace(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"trace() needs an nn.Module, got {type(model).__name__}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)  # a lone tensor is one input, not a batch to unbind
     example_inputs = tuple(example_inputs)
     if not example_inputs or not all(isinstance(t, torch.Tensor) for t in example_inputs):
         raise TypeError("example_inputs must be a non-empty tuple of tensors, e.g. (x,)")
@@ -141,7 +144,7 @@ def _explain_trace_failure(model: nn.Module, exc: Exception) -> str:
         f = user[-1]
         code = (f.line or linecache.getline(f.filename, f.lineno or 0)).strip()
         where = f"\n  at {f.filename}:{f.lineno}: {code}"
-        owner = _module_owning(model, f.filename, f.name)
+        owner = _module_owning(model, f.filename, f.lineno)
     hint = (
         f"mark that submodule as a leaf, e.g. trace(..., leaf_modules=[{owner}]) "
         "(its channels become unprunable)"
@@ -155,11 +158,15 @@ def _explain_trace_failure(model: nn.Module, exc: Exception) -> str:
     )
 
 
-def _module_owning(model: nn.Module, filename: str, func: str) -> str:
-    """Best guess of which module class defines the failing frame's function."""
+def _module_owning(model: nn.Module, filename: str, lineno: int | None) -> str:
+    """The module class whose method holds the failing line (innermost if nested)."""
+    best, best_start = "", -1
     for m in model.modules():
-        fn = getattr(type(m), func, None)
-        code = getattr(fn, "__code__", None)
-        if code is not None and code.co_filename == filename:
-            return type(m).__name__
-    return ""
+        for attr in vars(type(m)).values():
+            code = getattr(attr, "__code__", None)
+            if code is None or code.co_filename != filename or lineno is None:
+                continue
+            lines = [line for _, _, line in code.co_lines() if line is not None]
+            if lines and code.co_firstlineno <= lineno <= max(lines) and code.co_firstlineno > best_start:
+                best, best_start = type(m).__name__, code.co_firstlineno
+    return best

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from graphprune import meta
 from graphprune.analysis import ChannelGraph, build_channel_graph
 from graphprune.channels import TensorChannels
 from graphprune.errors import GraphInvariantError, PlanError
@@ -25,7 +27,7 @@ def prune_channels(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     attributes, split sizes, slice bounds and reshape constants follow; shapes are re-recorded.
     """
     graph = build_channel_graph(gm)
-    plan = validate_plan(graph, ctx.plan or {})
+    plan = validate_plan(graph, ctx.plan) if ctx.plan is not None else dead_channel_plan(gm, graph)
     plan = round_plan(graph, plan, ctx.round_to, ctx.scores)
     removed = graph.removed_mask(plan)
     check_nothing_emptied(graph, removed)
@@ -49,6 +51,8 @@ def validate_plan(graph: ChannelGraph, plan: Mapping[int, Sequence[int]]) -> dic
         if not isinstance(gid, (int, np.integer)) or not 0 <= gid < len(groups):
             raise PlanError(f"plan names group {gid!r}; this model has groups 0..{len(groups) - 1}")
         g = groups[gid]
+        if any(not isinstance(k, (int, np.integer)) or isinstance(k, bool) for k in keep):
+            raise PlanError(f"group {gid}: kept channel indices must be integers, got {list(keep)}")
         kept = np.asarray(sorted(int(k) for k in keep), dtype=np.int64)
         if len(kept) == g.channels and np.array_equal(kept, np.arange(g.channels)):
             continue
@@ -67,6 +71,32 @@ def validate_plan(graph: ChannelGraph, plan: Mapping[int, Sequence[int]]) -> dic
             raise PlanError(f"plan keeps channels of group {gid} more than once: {kept.tolist()}")
         out[int(gid)] = kept
     return out
+
+
+@torch.no_grad()
+def dead_channel_plan(gm: fx.GraphModule, graph: ChannelGraph) -> dict[int, np.ndarray]:
+    """Keep the channels with any non-zero producer-side entry (conv row, bias, norm affine).
+
+    A channel whose producer-side entries are all zero is zero wherever it flows, so removing
+    it is exact. At least one channel per group is kept.
+    """
+    alive = {g.id: np.zeros(g.channels, dtype=bool) for g in graph.groups if g.prunable}
+    for s in graph.sites:
+        if s.role != "out" or s.atoms.ndim != 1:
+            continue
+        t = get_tensor(gm, s.path).detach()
+        nonzero = (t.transpose(0, s.axis).reshape(t.shape[s.axis], -1) != 0).any(dim=1).numpy()
+        gids, pos = graph.positions(s.atoms)
+        for gid in alive:
+            hit = (gids == gid) & nonzero
+            alive[gid][pos[hit]] = True
+    plan = {}
+    for gid, a in alive.items():
+        if not a.any():
+            a[0] = True
+        if not a.all():
+            plan[gid] = np.nonzero(a)[0]
+    return plan
 
 
 def check_nothing_emptied(graph: ChannelGraph, removed: np.ndarray) -> None:
@@ -188,7 +218,7 @@ def _rewrite_args(gm, graph: ChannelGraph, removed: np.ndarray, old_shapes) -> N
             _rewrite_split(node, x, removed, old_shapes)
         elif node.target in _VIEWS:
             _rewrite_view(node, graph.values.get(node), removed, old_shapes[node])
-        elif node.target is getattr(__import__("operator"), "getitem"):
+        elif node.target is operator.getitem:
             _rewrite_slice(node, x, removed)
 
 
@@ -244,6 +274,4 @@ def _rewrite_slice(node: fx.Node, x: TensorChannels, removed) -> None:
 
 
 def _node_shapes(node: fx.Node):
-    from graphprune import meta
-
     return meta.output_shapes(node)

@@ -1,0 +1,169 @@
+"""A small built-in trainer: SGD, cosine lr per iteration, tqdm progress, periodic eval,
+atomic per-epoch checkpoints with resume, and a clear stop on a NaN loss.
+
+Pruning methods plug in through ``hooks`` (any object with ``after_backward()``, ``step()``,
+``state_dict()`` and ``load_state_dict()``), the same calls a user's own loop makes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import TrainingError
+from .io import atomic_save
+
+CHECKPOINT = "last.pt"
+
+
+@dataclass
+class History:
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def default_param_groups(model: nn.Module, weight_decay: float = 1e-4) -> list[dict]:
+    """Weight decay on conv/linear weights only; norms and biases get none."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() > 1 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def cosine_lr(base: float, iteration: int, total: int) -> float:
+    return 0.5 * base * (1.0 + math.cos(math.pi * min(iteration, total) / max(total, 1)))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable) -> float:
+    """Top-1 accuracy in percent."""
+    was = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        correct += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    model.train(was)
+    return 100.0 * correct / max(total, 1)
+
+
+def fit(
+    model: nn.Module,
+    train_loader: Iterable,
+    *,
+    epochs: int,
+    lr: float,
+    momentum: float = 0.9,
+    param_groups: list[dict] | None = None,
+    hooks: object | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    train_step: Callable[[nn.Module, object], torch.Tensor] | None = None,
+    val_loader: Iterable | None = None,
+    eval_every: int = 1,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    desc: str = "train",
+) -> History:
+    """Train in place. ``train_step(model, batch) -> loss`` replaces ``loss_fn`` for models
+    that are not classifiers. Each param group may carry its own ``momentum``."""
+    iters_per_epoch = len(train_loader)  # type: ignore[arg-type]
+    if iters_per_epoch == 0:
+        raise TrainingError("train_loader is empty: it yields no batch to train on")
+    if epochs < 1:
+        raise ValueError(f"epochs={epochs}: train for at least one epoch")
+    groups = param_groups if param_groups is not None else default_param_groups(model)
+    opt = torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    for g in opt.param_groups:
+        g["base_lr"] = g["lr"]
+    total = epochs * iters_per_epoch
+    history, start_epoch = History(), 0
+    ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
+    if resume and ckpt is not None and ckpt.exists():
+        start_epoch = _load_checkpoint(ckpt, model, opt, hooks, history)
+    step_fn = train_step or (lambda m, batch: loss_fn(m(batch[0]), batch[1]))
+    t0 = time.perf_counter()
+    bar = _progress(total, start_epoch * iters_per_epoch, desc, progress)
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        running, seen = 0.0, 0
+        for i, batch in enumerate(train_loader):
+            it = epoch * iters_per_epoch + i
+            for g in opt.param_groups:
+                g["lr"] = cosine_lr(g["base_lr"], it, total)
+            loss = step_fn(model, batch)
+            if not torch.isfinite(loss):
+                where = (
+                    f"last good checkpoint: {ckpt}" if ckpt and ckpt.exists() else "no checkpoint"
+                )
+                raise TrainingError(
+                    f"loss became {loss.item()} at epoch {epoch + 1}, iteration {i + 1} ({where}); "
+                    "lower the learning rate or check the data"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if hooks is not None:
+                hooks.after_backward()
+            opt.step()
+            if hooks is not None:
+                hooks.step()
+            running, seen = running + loss.item(), seen + 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{running / seen:.3f}")
+        record = {"epoch": epoch + 1, "loss": running / seen}
+        if val_loader is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
+            record["val_acc"] = evaluate(model, val_loader)
+        history.epochs.append(record)
+        if ckpt is not None:
+            atomic_save(
+                {
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "hooks": hooks.state_dict() if hooks is not None else None,
+                    "history": history.epochs,
+                    "rng": torch.get_rng_state(),
+                },
+                ckpt,
+            )
+    if bar is not None:
+        bar.close()
+    history.seconds = time.perf_counter() - t0
+    return history
+
+
+def _load_checkpoint(path: Path, model, opt, hooks, history: History) -> int:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if hooks is not None and state.get("hooks") is not None:
+            hooks.load_state_dict(state["hooks"])
+        history.epochs = list(state["history"])
+        torch.set_rng_state(state["rng"])
+        return int(state["epoch"])
+    except Exception as exc:
+        raise TrainingError(
+            f"cannot resume from {path}: {type(exc).__name__}: {exc}. The file is corrupt or "
+            "from another model; delete it or run without resume"
+        ) from exc
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)

@@ -1,0 +1,81 @@
+"""insert_compactors: put an identity ResRep compactor behind each prunable group's producers."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from graphprune.analysis import ChannelGraph, build_channel_graph
+from graphprune.compactor import Compactor
+from graphprune.pipeline import PassContext, PassResult
+from graphprune.tracing import propagate_shapes
+
+
+def compactable_groups(gm: fx.GraphModule, graph: ChannelGraph, internal_only: bool = False):
+    """Groups ResRep can prune losslessly: every channel source is a dense Conv2d called once.
+
+    Groups with depthwise/grouped convs, linear layers or inexact norms are left out: a
+    compactor cannot be folded into them. ``internal_only`` keeps the paper's choice of
+    single-producer groups (no residual-coupled ones).
+    """
+    calls: dict[str, list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls.setdefault(str(n.target), []).append(n)
+    out_atoms = {
+        s.path[: -len(".weight")]: s.atoms
+        for s in graph.sites
+        if s.role == "out" and s.axis == 0 and s.path.endswith(".weight")
+    }
+    result = []
+    for g in graph.groups:
+        if not (g.prunable and g.exact and g.producers) or (internal_only and len(g.producers) > 1):
+            continue
+        kinds = {graph.sources[i] for i in np.unique(graph.atom_source[graph.atom_group == g.id])}
+        if any(kind != "producer" for _, kind in kinds):
+            continue
+        ok = all(
+            type(gm.get_submodule(p)) is nn.Conv2d
+            and gm.get_submodule(p).groups == 1
+            and len(calls.get(p, [])) == 1
+            for p in g.producers
+        )
+        if ok:
+            result.append(
+                (g.id, [(calls[p][0], graph.atom_pos[out_atoms[p]]) for p in g.producers])
+            )
+    return result
+
+
+def insert_compactors(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Insert an identity 1x1 compactor after the norm (before the activation) of each producer.
+
+    Requires: gm from graphprune.trace. Effects: conv -> BN -> act becomes
+    conv -> BN -> compactor(I) -> act; outputs are unchanged. A residual-coupled group gets one
+    compactor per producer; their ``channel_index`` buffers map rows to the group's channels
+    so one shared mask can be applied.
+    """
+    graph = build_channel_graph(gm)
+    inserted = 0
+    for gid, producers in compactable_groups(gm, graph, ctx.internal_only):
+        for node, positions in producers:
+            after = node
+            users = list(node.users)
+            if (
+                len(users) == 1
+                and users[0].op == "call_module"
+                and isinstance(gm.get_submodule(users[0].target), nn.modules.batchnorm._BatchNorm)
+            ):
+                after = users[0]
+            conv = gm.get_submodule(node.target)
+            name = f"{node.target}_compactor"
+            gm.add_submodule(name, Compactor(conv.out_channels, gid, torch.as_tensor(positions)))
+            with gm.graph.inserting_after(after):
+                new = gm.graph.call_module(name, (after,))
+            after.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+            inserted += 1
+    if inserted:
+        gm.recompile()
+        propagate_shapes(gm)
+    return PassResult(gm, inserted > 0, {"compactors": inserted})
