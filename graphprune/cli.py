@@ -63,15 +63,25 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from . import compress
     from .io import save_model
 
-    model, inputs = _load(args.model)
-    options = {}
+    options: dict[str, object] = {}
     if args.method == "resrep":
         from .data import loaders_for
+        from .models import cifar_resnet
 
         train, val = loaders_for(args.data, batch_size=args.batch_size)
+        sample = next(iter(val))[0][:1]
+        if args.model in ("resnet20", "resnet56"):  # built for the data's image channels
+            model, inputs = (
+                cifar_resnet(int(args.model[6:]), in_channels=sample.shape[1]),
+                (sample,),
+            )
+        else:
+            model, inputs = _load(args.model)
         options = dict(train_loader=train, val_loader=val, epochs=args.epochs, lr=args.lr)
         if args.checkpoint_dir:
             options.update(checkpoint_dir=args.checkpoint_dir, resume=args.resume)
+    else:
+        model, inputs = _load(args.model)
     result = compress(
         model,
         args.method,

@@ -182,3 +182,25 @@ def load_fashion_mnist(
         TensorDataset(train_x.sub_(mean).div_(std).unsqueeze(1), train_y),
         TensorDataset(test_x.sub_(mean).div_(std).unsqueeze(1), test_y),
     )
+
+
+DATASETS = ("digits", "fashion-mnist")
+
+
+def loaders_for(
+    name: str, batch_size: int = 32, *, train_subset: int | None = None, seed: int = 0
+) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+    """(train, test) DataLoaders of a bundled dataset by name: "digits" or "fashion-mnist"."""
+    from torch.utils.data import DataLoader
+
+    if name == "digits":
+        train, test = load_digits_splits()
+    elif name == "fashion-mnist":
+        train, test = load_fashion_mnist(train_subset=train_subset, seed=seed)
+    else:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    gen = torch.Generator().manual_seed(seed)
+    return (
+        DataLoader(train, batch_size=batch_size, shuffle=True, generator=gen),
+        DataLoader(test, batch_size=256),
+    )

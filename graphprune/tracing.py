@@ -167,6 +167,10 @@ def _module_owning(model: nn.Module, filename: str, lineno: int | None) -> str:
             if code is None or code.co_filename != filename or lineno is None:
                 continue
             lines = [line for _, _, line in code.co_lines() if line is not None]
-            if lines and code.co_firstlineno <= lineno <= max(lines) and code.co_firstlineno > best_start:
+            if (
+                lines
+                and code.co_firstlineno <= lineno <= max(lines)
+                and code.co_firstlineno > best_start
+            ):
                 best, best_start = type(m).__name__, code.co_firstlineno
     return best
