@@ -199,8 +199,9 @@ def loaders_for(
         train, test = load_fashion_mnist(train_subset=train_subset, seed=seed)
     else:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    gen = torch.Generator().manual_seed(seed)
+    # Shuffling draws from the global RNG (seed it with torch.manual_seed): the trainer saves
+    # that RNG in its checkpoints, so a resumed run sees the same batches.
     return (
-        DataLoader(train, batch_size=batch_size, shuffle=True, generator=gen),
+        DataLoader(train, batch_size=batch_size, shuffle=True),
         DataLoader(test, batch_size=256),
     )

@@ -85,7 +85,7 @@ class MacsModel:
         return float(sum(self.layer_macs))
 
 
-def _rounded(kept: int, total: int, round_to: int) -> int:
+def rounded_width(kept: int, total: int, round_to: int) -> int:
     if round_to <= 1 or total < round_to:
         return kept
     return min(total, -(-kept // round_to) * round_to)
@@ -112,7 +112,7 @@ def select_channels(
     if not reached:
         model = MacsModel(graph, layer_macs)
         for gid in scores:
-            model.set_kept(gid, _rounded(1, graph.groups[gid].channels, round_to))
+            model.set_kept(gid, rounded_width(1, graph.groups[gid].channels, round_to))
         floor = model.macs / model.dense
         raise PlanError(
             f"flops_target={flops_target} is out of reach: keeping one channel per prunable "
@@ -148,7 +148,7 @@ def walk(
             continue
         removed[gid] += 1
         before = model.kept[gid]
-        model.set_kept(gid, _rounded(n - removed[gid], n, round_to))
+        model.set_kept(gid, rounded_width(n - removed[gid], n, round_to))
         dropped += before - model.kept[gid]
     plan = {}
     for gid, arr in scores.items():

@@ -126,6 +126,13 @@ def fit(
         if val_loader is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
             record["val_acc"] = evaluate(model, val_loader)
         history.epochs.append(record)
+        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            where = f"last good checkpoint: {ckpt}" if ckpt and ckpt.exists() else "no checkpoint"
+            raise TrainingError(
+                f"parameters {bad[:3]} became non-finite in epoch {epoch + 1} ({where}); "
+                "lower the learning rate or check the data"
+            )
         if ckpt is not None:
             atomic_save(
                 {

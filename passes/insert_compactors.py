@@ -41,11 +41,35 @@ def compactable_groups(gm: fx.GraphModule, graph: ChannelGraph, internal_only: b
             and len(calls.get(p, [])) == 1
             for p in g.producers
         )
-        if ok:
+        if ok and not _foreign_out_members(gm, graph, g.id, set(g.producers), calls):
             result.append(
                 (g.id, [(calls[p][0], graph.atom_pos[out_atoms[p]]) for p in g.producers])
             )
     return result
+
+
+def _foreign_out_members(gm, graph: ChannelGraph, gid: int, producers: set[str], calls) -> bool:
+    """True if a channel of the group is shaped by anything but its producers and the
+    BatchNorms right behind them (a GroupNorm, a layer scale, a BN after an add): zeroing a
+    compactor row would not make such a channel zero, so it could not be removed."""
+    for s in graph.sites:
+        if s.role != "out" or not (graph.atom_group[s.atoms.reshape(-1)] == gid).any():
+            continue
+        owner = s.path.rpartition(".")[0]
+        if owner in producers:
+            continue
+        module = gm.get_submodule(owner) if owner else None
+        node = calls.get(owner, [None])[0]
+        follows_producer = (
+            isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and node is not None
+            and node.args[0].op == "call_module"
+            and str(node.args[0].target) in producers
+            and len(node.args[0].users) == 1
+        )
+        if not follows_producer:
+            return True
+    return False
 
 
 def insert_compactors(gm: fx.GraphModule, ctx: PassContext) -> PassResult:

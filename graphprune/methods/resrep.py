@@ -32,7 +32,7 @@ from graphprune.errors import PlanError
 from graphprune.macs import count_macs
 from graphprune.passes import cleanup, fold_compactors, fuse_bn, insert_compactors, prune_channels
 from graphprune.pipeline import PassContext, run_passes
-from graphprune.selection import MacsModel, walk
+from graphprune.selection import MacsModel, keep_every_member_alive, rounded_width, walk
 from graphprune.tracing import example_inputs_of
 
 RESREP_FINALIZE = [
@@ -220,19 +220,14 @@ class ResRep:
         for c in self.compactors:
             c.mask.copy_(torch.from_numpy(new[c.group][c.channel_index.numpy()]).float())
 
-    def _select(
-        self, scores: dict[int, np.ndarray], cap: int | None
-    ) -> dict[int, np.ndarray] | None:
+    def _select(self, scores: dict[int, np.ndarray], cap: int | None) -> dict[int, np.ndarray] | None:
         plan, reached = walk(
-            self.graph,
-            scores,
-            self.layer_macs,
-            self.flops_target,
-            round_to=self.round_to,
+            self.graph, scores, self.layer_macs, self.flops_target, round_to=self.round_to,
             max_drop=cap,
         )
         if cap is None and not reached:
             return None
+        plan = keep_every_member_alive(self.graph, plan, scores)
         masks = {g: np.ones(self.graph.groups[g].channels) for g in self.groups}
         for g, kept in plan.items():
             masks[g][:] = 0
@@ -242,10 +237,11 @@ class ResRep:
     def _unreachable_message(self) -> str:
         model = MacsModel(self.graph, self.layer_macs)
         for g in self.groups:
-            model.set_kept(g, 1)
+            model.set_kept(g, rounded_width(1, self.graph.groups[g].channels, self.round_to))
         return (
             f"flops_target={self.flops_target} is out of reach for ResRep: with one channel per "
-            f"compactor group {model.macs / model.dense:.3f} of the MACs remain"
+            f"compactor group (rounded up to multiples of round_to={self.round_to}) "
+            f"{model.macs / model.dense:.3f} of the MACs remain; ask for more, or lower round_to"
         )
 
     def masked_rows_above(self, threshold: float = 1e-5) -> int:

@@ -1,0 +1,169 @@
+"""Shared pieces of the accuracy benchmarks: recipes, the ResRep row and the peer row.
+
+The peer is Torch-Pruning (PyPI ``torch-pruning``): global group-L2 magnitude pruning
+(GroupMagnitudeImportance(p=2), MetaPruner with global_pruning=True) to the same MACs target,
+then fine-tuning for the same number of epochs ResRep trains. MACs are counted the same way for
+both (graphprune.count_macs: conv + linear multiply-accumulates).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+import graphprune as gp
+from graphprune.train import evaluate, fit
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "date": date.today().isoformat(),
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "command": "python " + " ".join(sys.argv),
+    }
+
+
+def train_base(model, train, test, *, epochs: int, lr: float, seed: int):
+    torch.manual_seed(seed)
+    t = time.perf_counter()
+    fit(model, train, epochs=epochs, lr=lr, progress=False)
+    return evaluate(model, test), time.perf_counter() - t
+
+
+def resrep_row(base, example, target, train, test, *, epochs, lr, seed) -> dict:
+    torch.manual_seed(seed)
+    t = time.perf_counter()
+    result = gp.compress(
+        base,
+        "resrep",
+        example_inputs=example,
+        flops_target=target,
+        round_to=1,
+        train_loader=train,
+        val_loader=test,
+        epochs=epochs,
+        lr=lr,
+        progress=False,
+    )
+    extra = result.report.extra
+    return {
+        "method": "graphprune ResRep",
+        "target": target,
+        "macs_reduction": 1 - result.report.macs_ratio,
+        "acc_before_folding": extra["accuracy_before_folding"],
+        "acc_after_folding": extra["accuracy_after_folding"],
+        "final_acc": evaluate(result.model, test),
+        "masked_rows_not_decayed": extra["masked_rows_not_decayed"],
+        "seconds": time.perf_counter() - t,
+    }
+
+
+def _peer_prune(model, example, ratio: float, ignored):
+    import torch_pruning as tp
+
+    pruner = tp.pruner.MetaPruner(
+        model,
+        example[0],
+        importance=tp.importance.GroupMagnitudeImportance(p=2),
+        global_pruning=True,
+        pruning_ratio=ratio,
+        ignored_layers=ignored(model),
+    )
+    pruner.step()
+    return model
+
+
+def peer_row(base, example, target, train, test, *, epochs, lr, seed, ignored) -> dict:
+    """Torch-Pruning group-L2 one-shot to the MACs target (ratio by bisection), then fine-tune."""
+    t = time.perf_counter()
+    dense = gp.count_macs(base, example).macs
+    lo, hi, best = 0.0, 0.999, None
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        candidate = _peer_prune(copy.deepcopy(base), example, mid, ignored)
+        ratio = gp.count_macs(candidate, example).macs / dense
+        if ratio <= target:
+            hi, best = mid, candidate
+        else:
+            lo = mid
+    if best is None:
+        raise RuntimeError(f"Torch-Pruning could not reach {target} of the MACs")
+    torch.manual_seed(seed)
+    fit(best, train, epochs=epochs, lr=lr, progress=False)
+    return {
+        "method": "Torch-Pruning group-L2 + fine-tune",
+        "target": target,
+        "macs_reduction": 1 - gp.count_macs(best, example).macs / dense,
+        "acc_before_folding": None,
+        "acc_after_folding": None,
+        "final_acc": evaluate(best, test),
+        "masked_rows_not_decayed": None,
+        "seconds": time.perf_counter() - t,
+    }
+
+
+def mean_rows(rows: list[dict]) -> list[dict]:
+    """Average rows of the same (method, target) over seeds."""
+    keys = sorted({(r["method"], r["target"]) for r in rows}, key=lambda k: (-k[1], k[0]))
+    out = []
+    for method, target in keys:
+        same = [r for r in rows if r["method"] == method and r["target"] == target]
+        avg = {"method": method, "target": target, "seeds": len(same)}
+        for field in (
+            "macs_reduction",
+            "acc_before_folding",
+            "acc_after_folding",
+            "final_acc",
+            "seconds",
+        ):
+            values = [r[field] for r in same if r[field] is not None]
+            avg[field] = statistics.mean(values) if values else None
+        avg["final_acc_std"] = statistics.pstdev([r["final_acc"] for r in same])
+        out.append(avg)
+    return out
+
+
+def markdown(rows: list[dict], base_acc: float) -> str:
+    fmt = lambda v, d=2: "—" if v is None else f"{v:.{d}f}"  # noqa: E731
+    lines = [
+        f"base accuracy {base_acc:.2f}%",
+        "",
+        "| method | MACs reduction | acc. before folding | acc. after folding | final acc. | Δ vs base | time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        std = f" ± {r['final_acc_std']:.2f}" if r.get("seeds", 1) > 1 else ""
+        lines.append(
+            f"| {r['method']} | {r['macs_reduction']:.1%} | {fmt(r['acc_before_folding'])} | "
+            f"{fmt(r['acc_after_folding'])} | {r['final_acc']:.2f}{std} | "
+            f"{r['final_acc'] - base_acc:+.2f} | {r['seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def save(path: str, payload: dict) -> None:
+    """Write JSON; a relative path is taken from the repository root, wherever we run."""
+    target = Path(path) if Path(path).is_absolute() else ROOT / path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(payload, indent=2, default=str))

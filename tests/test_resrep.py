@@ -1,0 +1,653 @@
+"""ResRep: compactor insertion and the lossless finalize over the zoo, gradient resetting against
+numbers worked out by hand, the mask schedule, state save/resume, and compress() end to end.
+
+Reference values never come from the code under test: outputs are compared with the unmodified
+model (or the compactor model before folding), gradients with hand arithmetic, MACs with
+FlopCounterMode measurements of the physically pruned model.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from graphprune.passes import insert_compactors
+from torch import fx, nn
+from torch.utils.data import DataLoader, Subset
+
+import graphprune
+from graphprune import count_macs, trace
+from graphprune.analysis import ChannelGraph, build_channel_graph
+from graphprune.compactor import Compactor
+from graphprune.data import load_digits_splits
+from graphprune.errors import PlanError
+from graphprune.methods.resrep import RESREP_FINALIZE, ResRep, ResRepSchedule
+from graphprune.pipeline import PassContext, run_passes
+from graphprune.testing import randomize_
+from graphprune.train import evaluate, fit
+from graphprune.zoo import ZOO, ZOO_INPUT_SHAPE, ConvNeXt, ShuffleNet
+
+NAMES = sorted(ZOO)
+DIGITS = (1, 1, 8, 8)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is faster than two contending ones, and bitwise repeatable."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_cnn(c1: int = 16, c2: int = 32) -> nn.Sequential:
+    """Two conv-BN-ReLU layers on 1x8x8 digits, pooled into a linear classifier."""
+    return nn.Sequential(
+        nn.Conv2d(1, c1, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c1),
+        nn.ReLU(),
+        nn.Conv2d(c1, c2, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(c2, 10),
+    )
+
+
+def schedule(**over: float) -> ResRepSchedule:
+    base = dict(
+        warmup_iters=0,
+        mask_interval=1,
+        channels_per_update=1000,
+        penalty=1e-4,
+        masked_penalty=1e-2,
+        compactor_momentum=0.9,
+    )
+    return ResRepSchedule(**(base | over))  # type: ignore[arg-type]
+
+
+_QUIET = {"total_iters": 1000, "schedule": schedule(), "round_to": 1}
+
+
+def compactor_nodes(gm: fx.GraphModule) -> dict[str, Compactor]:
+    return {n: m for n, m in gm.named_modules() if isinstance(m, Compactor)}
+
+
+@torch.no_grad()
+def randomize_compactors_(compactors, seed: int) -> None:
+    """Identity plus noise, so the folding check is not vacuous and row norms differ."""
+    g = torch.Generator().manual_seed(seed)
+    for c in compactors:
+        eye = torch.eye(c.out_channels).view_as(c.weight)
+        c.weight.copy_(eye + 0.5 * torch.randn(c.weight.shape, generator=g))
+
+
+def repair_members(graph: ChannelGraph, keep: dict[int, np.ndarray]) -> None:
+    """Keep one channel of every member a random mask would empty (e.g. a split half)."""
+    for s in graph.sites:
+        gids, pos = graph.positions(s.atoms.reshape(-1))
+        mine = [(int(g), int(p)) for g, p in zip(gids, pos, strict=True) if int(g) in keep]
+        if mine and len(mine) == s.atoms.size and not any(keep[g][p] for g, p in mine):
+            keep[mine[0][0]][mine[0][1]] = True
+
+
+def bn_after_conv(gm: fx.GraphModule) -> list[str]:
+    out = []
+    for n in gm.graph.nodes:
+        if n.op != "call_module" or not isinstance(gm.get_submodule(n.target), nn.BatchNorm2d):
+            continue
+        src = n.args[0]
+        if src.op == "call_module" and isinstance(gm.get_submodule(src.target), nn.Conv2d):
+            out.append(str(n.target))
+    return out
+
+
+# --- 1. exactness over the zoo -------------------------------------------------------------------
+def _finalize_zoo(name: str):
+    """insert compactors, randomize them, zero rows with one shared mask per group, finalize.
+
+    Returns (outputs dense / with identity compactors / with zeroed compactors / finalized,
+    the finalized module, {conv: (out_channels before, rows zeroed)}, BNs after convs before).
+    """
+    torch.manual_seed(0)
+    model = randomize_(ZOO[name]()).eval()
+    x = torch.randn(2, *ZOO_INPUT_SHAPE[1:])
+    gm = trace(model, (torch.randn(ZOO_INPUT_SHAPE),))
+    graph = build_channel_graph(gm)
+    bns = bn_after_conv(gm)
+    with torch.no_grad():
+        dense = model(x)
+        insert_compactors(gm, PassContext())
+        gm.eval()
+        identity = gm(x)
+        comps = compactor_nodes(gm)
+        randomize_compactors_(comps.values(), seed=1)
+        rng = np.random.default_rng(0)
+        keep: dict[int, np.ndarray] = {}
+        for c in comps.values():
+            if c.group not in keep:
+                n = graph.groups[c.group].channels
+                k = rng.random(n) < 0.5
+                if n > 1:
+                    on, off = rng.choice(n, size=2, replace=False)
+                    k[on], k[off] = True, False  # never all zeroed, never none
+                else:
+                    k[:] = True
+                keep[c.group] = k
+        repair_members(graph, keep)
+        expected = {}
+        for cname, c in comps.items():
+            rows = ~torch.from_numpy(keep[c.group][c.channel_index.numpy()])
+            c.weight[rows] = 0.0
+            conv = cname.removesuffix("_compactor")
+            expected[conv] = (gm.get_submodule(conv).out_channels, int(rows.sum()))
+        zeroed = gm(x)
+        pruned = run_passes(gm, RESREP_FINALIZE, PassContext(round_to=1, verify=True)).gm
+        final = pruned(x)
+    return (dense, identity, zeroed, final), pruned, expected, bns
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compactors_then_finalize_are_exact(name: str) -> None:
+    (dense, identity, zeroed, final), pruned, expected, bns = _finalize_zoo(name)
+    torch.testing.assert_close(identity, dense, atol=1e-6, rtol=0)
+    if name in ("convnext", "regnet"):  # no group shaped only by dense convs + their BNs
+        assert not expected
+    else:
+        assert expected and any(z for _, z in expected.values())
+        assert not torch.allclose(zeroed, dense, atol=1e-3), "random compactors must matter"
+    torch.testing.assert_close(final, zeroed, atol=1e-4, rtol=1e-4)
+    assert not compactor_nodes(pruned)
+    calls = {str(n.target) for n in pruned.graph.nodes if n.op == "call_module"}
+    assert not calls & set(bns), f"BatchNorms still after convs: {calls & set(bns)}"
+    assert not bn_after_conv(pruned)
+
+
+REMOVAL_NAMES = list(NAMES)
+
+
+@pytest.mark.parametrize("name", REMOVAL_NAMES)
+def test_finalize_removes_exactly_the_zeroed_channels(name: str) -> None:
+    _, pruned, expected, _ = _finalize_zoo(name)
+    got = {conv: pruned.get_submodule(conv).out_channels for conv in expected}
+    want = {conv: before - zeroed for conv, (before, zeroed) in expected.items()}
+    assert got == want
+
+
+# --- 2. gradient resetting, by hand --------------------------------------------------------------
+def one_compactor_model(**sched: float) -> ResRep:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
+    gm = trace(model, (torch.randn(DIGITS),))
+    rr = ResRep(gm, flops_target=0.5, total_iters=1000, schedule=schedule(**sched), round_to=1)
+    assert len(rr.compactors) == 1 and rr.compactors[0].out_channels == 4
+    return rr
+
+
+def test_gradient_resetting_matches_hand_computation() -> None:
+    # active rows use penalty 0.01, masked rows 0.5, eps 1e-3: a swap of the two shows.
+    rr = one_compactor_model(penalty=0.01, masked_penalty=0.5, eps=1e-3)
+    c = rr.compactors[0]
+    q = torch.tensor(
+        [
+            [3.0, 4.0, 0.0, 0.0],  # active, ||Q|| = 5
+            [1.0, 2.0, 2.0, 0.0],  # masked, ||Q|| = 3
+            [0.0, 5e-4, 0.0, 0.0],  # active, ||Q|| = 5e-4 < eps: divided by eps instead
+            [0.0, 0.0, 0.0, 2.0],  # masked, ||Q|| = 2
+        ]
+    )
+    g = torch.tensor(
+        [
+            [1.0, -1.0, 2.0, 0.5],
+            [10.0, 20.0, 30.0, 40.0],
+            [-3.0, 0.0, 1.0, 2.0],
+            [7.0, 7.0, 7.0, 7.0],
+        ]
+    )
+    with torch.no_grad():
+        c.weight.copy_(q.view(4, 4, 1, 1))
+        c.mask.copy_(torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    c.weight.grad = g.view(4, 4, 1, 1).clone()
+    other = rr.model.get_submodule("5").weight  # the linear layer: must be left alone
+    other.grad = torch.full_like(other, 3.0)
+    rr.after_backward()
+    expected = torch.tensor(
+        [
+            [1.0 + 0.01 * 3 / 5, -1.0 + 0.01 * 4 / 5, 2.0, 0.5],  # G + 0.01*Q/5
+            [0.5 * 1 / 3, 0.5 * 2 / 3, 0.5 * 2 / 3, 0.0],  # 0.5*Q/3, no task gradient
+            [-3.0, 0.01 * 5e-4 / 1e-3, 1.0, 2.0],  # G + 0.01*Q/1e-3
+            [0.0, 0.0, 0.0, 0.5 * 2 / 2],  # 0.5*Q/2
+        ]
+    )
+    torch.testing.assert_close(c.weight.grad.view(4, 4), expected, atol=1e-7, rtol=1e-6)
+    assert torch.equal(other.grad, torch.full_like(other, 3.0))
+
+
+def test_gradient_resetting_without_task_gradient_and_with_zero_rows() -> None:
+    rr = one_compactor_model(penalty=0.2, masked_penalty=0.7, eps=1e-8)
+    c = rr.compactors[0]
+    with torch.no_grad():
+        c.weight.copy_(torch.diag(torch.tensor([0.0, 2.0, 0.0, -4.0])).view(4, 4, 1, 1))
+        c.mask.copy_(torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    c.weight.grad = None  # e.g. the compactor was not on the loss's path
+    rr.after_backward()
+    grad = c.weight.grad.view(4, 4)
+    assert torch.isfinite(grad).all(), "a zero row must not give NaN (eps)"
+    expected = torch.zeros(4, 4)
+    expected[1, 1] = 0.7  # masked: 0.7 * 2 / 2
+    expected[3, 3] = -0.2  # active: 0.2 * -4 / 4
+    torch.testing.assert_close(grad, expected, atol=1e-7, rtol=0)
+
+
+def test_masked_rows_ignore_the_task_loss_after_a_real_backward() -> None:
+    rr = one_compactor_model(penalty=1e-4, masked_penalty=1e-2)
+    c = rr.compactors[0]
+    randomize_compactors_([c], seed=3)
+    with torch.no_grad():
+        c.mask.copy_(torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    x, y = torch.randn(8, *DIGITS[1:]), torch.randint(0, 3, (8,))
+    grads = []
+    for scale in (1.0, 1000.0):
+        rr.model.zero_grad()
+        (scale * F.cross_entropy(rr.model(x), y)).backward()
+        rr.after_backward()
+        grads.append(c.weight.grad.view(4, 4).clone())
+    masked, active = torch.tensor([1, 3]), torch.tensor([0, 2])
+    torch.testing.assert_close(grads[0][masked], grads[1][masked], atol=0, rtol=0)
+    assert (grads[0][active] - grads[1][active]).abs().max() > 1e-3
+
+
+# --- 3. under the hooks, in a real training run --------------------------------------------------
+def digits_loaders(batch: int = 32, train_n: int | None = None):
+    train, test = load_digits_splits(size=8)
+    if train_n is not None:
+        train = Subset(train, range(train_n))
+    # Shuffled by the global RNG, which fit() checkpoints and restores on resume.
+    return (
+        DataLoader(train, batch_size=batch, shuffle=True),
+        DataLoader(test, batch_size=256),
+    )
+
+
+def test_training_decays_masked_rows_and_keeps_learning_active_ones() -> None:
+    train, test = digits_loaders()
+    epochs, lr = 8, 0.05  # 8 x 45 = 360 iterations, past the ~300 the adaptive schedule needs
+    torch.manual_seed(0)
+    gm = trace(tiny_cnn(), (torch.randn(DIGITS),))
+    rr = ResRep(gm, flops_target=0.4, total_iters=epochs * len(train), lr=lr, round_to=1)
+    start = {id(c): c.matrix.detach().clone() for c in rr.compactors}
+    fit(
+        rr.model,
+        train,
+        epochs=epochs,
+        lr=lr,
+        param_groups=rr.param_groups(lr),
+        hooks=rr,
+        progress=False,
+    )
+    masked = 0
+    for c in rr.compactors:
+        norms = torch.linalg.vector_norm(c.matrix.detach(), dim=1)
+        moved = (c.matrix.detach() - start[id(c)]).abs().amax(dim=1)
+        off = c.mask == 0
+        masked += int(off.sum())
+        assert (norms[off] < 1e-5).all(), norms[off]
+        assert (norms[~off] > 0.1).all(), norms[~off]
+        assert (moved[~off] > 1e-2).all(), "active rows should learn, not stay the identity"
+    assert masked >= 5
+    assert rr.masked_fraction_macs() <= 0.4
+    assert evaluate(rr.model, test) > 85.0
+    dense_macs = count_macs(tiny_cnn(), (torch.randn(DIGITS),)).macs
+    acc_before = evaluate(rr.model, test)
+    pruned = rr.finalize(verify=True)
+    assert evaluate(pruned, test) == acc_before
+    assert count_macs(pruned, (torch.randn(DIGITS),)).macs <= 0.4 * dense_macs
+
+
+# --- 4. the mask schedule ------------------------------------------------------------------------
+def test_masks_reach_target_within_one_channel_and_match_measured_macs() -> None:
+    torch.manual_seed(0)
+    model = tiny_cnn(16, 32)
+    x = torch.randn(DIGITS)
+    target = 0.35
+    gm = trace(model, (x,))
+    rr = ResRep(gm, flops_target=target, total_iters=1000, schedule=schedule(), round_to=1)
+    randomize_compactors_(rr.compactors, seed=5)
+    rr.update_masks()
+    frac = rr.masked_fraction_macs()
+    # One channel's worth, from the measured per-layer MACs of the dense model: a channel of
+    # conv k costs at most macs[conv k]/out_k on its own layer plus macs[next]/out_k on the
+    # layer reading it (0 -> 3, 3 -> 8 linear).
+    dense = count_macs(model, (x,))
+    per = dense.per_layer
+    step = max(per["0"] / 16 + per["3"] / 16, per["3"] / 32 + per["8"] / 32) / dense.macs
+    assert target - step < frac <= target
+    # Decay the masked rows, fold, and measure: MACs of conv/linear scale exactly with kept
+    # channels, so the measured ratio equals the prediction up to integer rounding.
+    with torch.no_grad():
+        for c in rr.compactors:
+            c.weight[c.mask == 0] = 0.0
+    pruned = rr.finalize(verify=True)
+    measured = count_macs(pruned, (x,)).macs / dense.macs
+    assert measured == pytest.approx(frac, abs=1e-4)
+    assert target - step < measured <= target + 1e-4
+
+
+def test_rounded_masks_keep_multiples_of_round_to() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(DIGITS)
+    gm = trace(tiny_cnn(16, 32), (x,))
+    rr = ResRep(gm, flops_target=0.4, total_iters=1000, schedule=schedule(), round_to=8)
+    randomize_compactors_(rr.compactors, seed=5)
+    rr.update_masks()
+    kept = [int(m.sum()) for m in rr.masks().values()]
+    assert all(k % 8 == 0 for k in kept), kept
+    assert sum(kept) < 48
+    with torch.no_grad():
+        for c in rr.compactors:
+            c.weight[c.mask == 0] = 0.0
+    dense = count_macs(tiny_cnn(16, 32), (x,)).macs
+    assert count_macs(rr.finalize(), (x,)).macs <= 0.4 * dense
+
+
+def test_extreme_target_never_empties_a_group() -> None:
+    torch.manual_seed(0)
+    gm = trace(randomize_(ZOO["resnet_basic"]()), (torch.randn(ZOO_INPUT_SHAPE),))
+    with pytest.raises(PlanError) as err:
+        ResRep(copy.deepcopy(gm), flops_target=1e-3, total_iters=1000, schedule=schedule(), round_to=1)
+    floor = float(re.search(r"(\d\.\d+) of the MACs remain", str(err.value)).group(1))
+    rr = ResRep(gm, flops_target=floor + 2e-3, total_iters=1000, schedule=schedule(), round_to=1)
+    randomize_compactors_(rr.compactors, seed=2)
+    for _ in range(3):
+        rr.update_masks()
+    masks = rr.masks()
+    assert all(m.sum() >= 1 for m in masks.values()), {g: m.sum() for g, m in masks.items()}
+    assert sum(int((m == 1).sum()) for m in masks.values()) < len(masks) + 6  # near the floor
+    assert rr.masked_fraction_macs() <= floor + 2e-3
+
+
+def test_masks_never_empty_a_split_member() -> None:
+    torch.manual_seed(0)
+    gm = trace(ShuffleNet(), (torch.randn(ZOO_INPUT_SHAPE),))
+    rr = ResRep(gm, flops_target=0.3, total_iters=1000, schedule=schedule(), round_to=1)
+    rr.update_masks()
+    with torch.no_grad():
+        for c in rr.compactors:
+            c.weight[c.mask == 0] = 0.0
+    rr.finalize(verify=True)
+
+
+def test_channels_per_update_caps_growth_and_step_follows_the_schedule() -> None:
+    torch.manual_seed(0)
+    gm = trace(tiny_cnn(16, 32), (torch.randn(DIGITS),))
+    s = schedule(warmup_iters=4, mask_interval=3, channels_per_update=3)
+    rr = ResRep(gm, flops_target=0.2, total_iters=1000, schedule=s, round_to=1)
+    randomize_compactors_(rr.compactors, seed=7)
+
+    def masked() -> int:
+        return sum(int((m == 0).sum()) for m in rr.masks().values())
+
+    counts = []
+    for _ in range(40):
+        rr.step()
+        counts.append(masked())
+    # iterations 1..3: warm-up, nothing masked; updates at 4, 7, 10, ... add exactly 3 each
+    # until the target is reached.
+    assert counts[:3] == [0, 0, 0]
+    growth = np.diff([0, *counts])
+    assert all(g <= 3 for g in growth)
+    update_iters = {i for i in range(1, 41) if i >= 4 and (i - 4) % 3 == 0}
+    assert all(growth[i - 1] == 0 for i in range(1, 41) if i not in update_iters)
+    assert growth[3] == 3 and growth[6] == 3
+    assert rr.iteration == 40
+    assert rr.masked_fraction_macs() <= 0.2
+
+
+def test_mask_choice_is_deterministic_and_recomputed_from_scratch() -> None:
+    torch.manual_seed(0)
+    model = randomize_(ZOO["resnet_bottleneck"]())
+    x = torch.randn(ZOO_INPUT_SHAPE)
+    runs = []
+    for _ in range(2):
+        rr = ResRep(trace(model, (x,)), flops_target=0.5, **_QUIET)
+        randomize_compactors_(rr.compactors, seed=11)
+        rr.update_masks()
+        runs.append(rr)
+    a, b = (r.masks() for r in runs)
+    assert a.keys() == b.keys()
+    assert all(np.array_equal(a[g], b[g]) for g in a)
+    assert any((m == 0).any() for m in a.values())
+    # Ties (identity compactors: every norm 1) are broken the same way too.
+    ties = [ResRep(trace(model, (x,)), flops_target=0.5, **_QUIET) for _ in range(2)]
+    for t in ties:
+        t.update_masks()
+    ta, tb = (t.masks() for t in ties)
+    assert all(np.array_equal(ta[g], tb[g]) for g in ta)
+    # Raise one masked channel's rows above everything: the next update brings it back.
+    rr = runs[0]
+    gid = next(g for g, m in a.items() if (m == 0).any())
+    ch = int(np.nonzero(a[gid] == 0)[0][0])
+    with torch.no_grad():
+        for c in rr.compactors:
+            if c.group == gid:
+                c.weight[c.channel_index == ch] *= 100.0
+    rr.update_masks()
+    assert rr.masks()[gid][ch] == 1
+
+
+# --- 5. state: save and resume -------------------------------------------------------------------
+class _Interrupt(Exception):
+    pass
+
+
+def _resrep_fit(ckpt_dir, *, stop_at: int | None = None, resume: bool = False, load=True):
+    train, _ = digits_loaders(batch=32, train_n=320)  # 10 iterations per epoch
+    torch.manual_seed(0)
+    gm = trace(tiny_cnn(8, 16), (torch.randn(DIGITS),))
+    s = schedule(warmup_iters=3, mask_interval=4, channels_per_update=2, masked_penalty=0.05)
+    rr = ResRep(gm, flops_target=0.4, total_iters=30, schedule=s, round_to=1)
+    if not load:
+        rr.load_state_dict = lambda state: None  # type: ignore[method-assign]
+    calls = 0
+
+    def step(model, batch):
+        nonlocal calls
+        calls += 1
+        if stop_at is not None and calls == stop_at:
+            raise _Interrupt
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    fit(
+        rr.model,
+        train,
+        epochs=3,
+        lr=0.05,
+        param_groups=rr.param_groups(0.05),
+        hooks=rr,
+        train_step=step,
+        checkpoint_dir=ckpt_dir,
+        resume=resume,
+        progress=False,
+    )
+    return rr
+
+
+def _state(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path) -> None:
+    full = _resrep_fit(tmp_path / "full")
+    want = _state(full.model)
+    assert full.iteration == 30
+    assert any((c.mask == 0).any() for c in full.compactors)
+
+    with pytest.raises(_Interrupt):
+        _resrep_fit(tmp_path / "cut", stop_at=15)  # mid epoch 2
+    files = sorted(p.name for p in (tmp_path / "cut").iterdir())
+    assert files == ["last.pt"], files  # atomic: no temporary file left behind
+    saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    assert saved["epoch"] == 1 and saved["hooks"] == {"iteration": 10}
+    mask_keys = [k for k in saved["model"] if k.endswith("_compactor.mask")]
+    assert len(mask_keys) == 2
+
+    resumed = _resrep_fit(tmp_path / "cut", resume=True)
+    got = _state(resumed.model)
+    assert resumed.iteration == 30
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0, msg=k)
+
+    # The comparison can fail: a resume that forgets ResRep's iteration diverges.
+    with pytest.raises(_Interrupt):
+        _resrep_fit(tmp_path / "forget", stop_at=15)
+    forgot = _state(_resrep_fit(tmp_path / "forget", resume=True, load=False).model)
+    assert any(not torch.allclose(forgot[k], want[k], atol=1e-6) for k in want)
+
+
+# --- 6. compress() end to end --------------------------------------------------------------------
+def test_compress_resrep_end_to_end() -> None:
+    train, test = digits_loaders()
+    torch.manual_seed(0)
+    model = tiny_cnn(16, 32)
+    before = _state(model)
+    x = torch.randn(DIGITS)
+    target = 0.5
+    result = graphprune.compress(
+        model,
+        "resrep",
+        example_inputs=(x,),
+        flops_target=target,
+        train_loader=train,
+        val_loader=test,
+        epochs=8,
+        lr=0.05,
+        progress=False,
+        verify=True,
+    )
+    report = result.report
+    extra = report.extra
+    assert extra["accuracy_before_folding"] == extra["accuracy_after_folding"]
+    assert extra["accuracy_after_folding"] > 85.0
+    assert extra["masked_rows_not_decayed"] == 0
+    dense_macs = count_macs(model, (x,)).macs
+    pruned_macs = count_macs(result.model, (x,)).macs
+    # All masked rows decayed, so the walk's prediction (<= target) is what gets removed;
+    # 1e-3 covers integer rounding of the counts only.
+    assert pruned_macs / dense_macs <= target + 1e-3
+    assert report.macs_ratio == pytest.approx(pruned_macs / dense_macs)
+    assert sum(p.numel() for p in result.model.parameters()) < sum(
+        p.numel() for p in model.parameters()
+    )
+    assert not compactor_nodes(result.model)
+    assert evaluate(result.model, test) == extra["accuracy_after_folding"]
+    after = _state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before), "user model mutated"
+
+
+# --- 7. bad input --------------------------------------------------------------------------------
+def small_pair() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 10),
+    )
+
+
+def test_unreachable_target_names_the_reachable_minimum() -> None:
+    # 8x8 input, padding 1: conv1 64*4*1*9 = 2304, conv2 64*4*4*9 = 9216, linear 4*10 = 40.
+    # One channel per group: 64*1*1*9 + 64*1*1*9 + 1*10 = 1162 -> 1162/11560 = 0.1005.
+    floor = (576 + 576 + 10) / (2304 + 9216 + 40)
+    train, _ = digits_loaders(train_n=64)
+    with pytest.raises(PlanError) as err:
+        graphprune.compress(
+            small_pair(),
+            "resrep",
+            example_inputs=(torch.randn(DIGITS),),
+            flops_target=0.05,
+            round_to=1,
+            train_loader=train,
+            epochs=1,
+            progress=False,
+        )
+    assert f"{floor:.3f}" in str(err.value)
+    # Just above the floor is accepted.
+    ResRep(trace(small_pair(), (torch.randn(DIGITS),)), flops_target=floor + 0.01, **_QUIET)
+
+
+def test_unreachable_message_accounts_for_round_to() -> None:
+    # 16-wide groups rounded to 8: conv1 64*8*9 = 4608, conv2 64*8*8*9 = 36864, linear 80,
+    # of dense 9216 + 147456 + 160 = 156832 -> 0.265 is the least reachable.
+    floor = (4608 + 36864 + 80) / (9216 + 147456 + 160)
+    gm = trace(tiny_cnn(16, 16), (torch.randn(DIGITS),))
+    with pytest.raises(PlanError) as err:
+        ResRep(gm, flops_target=0.2, total_iters=1000, schedule=schedule(), round_to=8)
+    assert f"{floor:.3f}" in str(err.value)
+
+
+def test_no_prunable_group_is_a_plan_error() -> None:
+    only_output = nn.Sequential(nn.Conv2d(3, 4, 3))  # its channels are the model's output
+    train, _ = digits_loaders(train_n=64)
+    with pytest.raises(PlanError, match="no prunable"):
+        graphprune.compress(
+            only_output,
+            "resrep",
+            example_inputs=(torch.randn(1, 3, 8, 8),),
+            train_loader=train,
+            epochs=1,
+            progress=False,
+        )
+    # ConvNeXt has prunable groups, but none a compactor can be folded into.
+    gm = trace(ConvNeXt(), (torch.randn(ZOO_INPUT_SHAPE),))
+    with pytest.raises(PlanError, match="no group it can prune"):
+        ResRep(gm, flops_target=0.5, total_iters=1000)
+
+
+@pytest.mark.parametrize("target", [0.0, 1.0, -0.5, 1.5])
+def test_flops_target_outside_unit_interval(target: float) -> None:
+    gm = trace(small_pair(), (torch.randn(DIGITS),))
+    with pytest.raises(PlanError, match="flops_target"):
+        ResRep(gm, flops_target=target, **_QUIET)
+    assert not compactor_nodes(gm), "a rejected target must not touch the model"
+    with pytest.raises(PlanError, match="flops_target"):
+        graphprune.compress(
+            small_pair(),
+            "resrep",
+            example_inputs=(torch.randn(DIGITS),),
+            flops_target=target,
+            train_loader=[(torch.randn(2, 1, 8, 8), torch.tensor([0, 1]))],
+            epochs=1,
+        )
+
+
+def test_empty_loader_is_a_training_error() -> None:
+    from graphprune.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="empty"):
+        graphprune.compress(
+            small_pair(),
+            "resrep",
+            example_inputs=(torch.randn(DIGITS),),
+            round_to=1,
+            train_loader=[],
+            epochs=1,
+            progress=False,
+        )
