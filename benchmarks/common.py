@@ -44,7 +44,7 @@ def machine() -> dict:
 def train_base(model, train, test, *, epochs: int, lr: float, seed: int):
     torch.manual_seed(seed)
     t = time.perf_counter()
-    fit(model, train, epochs=epochs, lr=lr, progress=False)
+    fit(model, train, epochs=epochs, lr=lr, warmup_epochs=1, progress=False)
     return evaluate(model, test), time.perf_counter() - t
 
 
@@ -146,7 +146,8 @@ def markdown(rows: list[dict], base_acc: float) -> str:
     lines = [
         f"base accuracy {base_acc:.2f}%",
         "",
-        "| method | MACs reduction | acc. before folding | acc. after folding | final acc. | Δ vs base | time (s) |",
+        "| method | MACs reduction | acc. before folding | acc. after folding | final acc. "
+        "| Δ vs base | time (s) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:

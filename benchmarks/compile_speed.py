@@ -11,14 +11,13 @@ one-time imports (FlopCounterMode pulls in torch._dynamo), so a warm-up run come
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
 from datetime import date
 
 import torch
+from common import machine, save
 
 import graphprune as gp
 from graphprune.models import resnet50, resnet101, resnet152
@@ -39,7 +38,7 @@ def measure(name: str, repeats: int) -> dict:
     rows = []
     for _ in range(repeats):
         gm, t_trace = timed(lambda: gp.trace(model, x))
-        groups, t_analyze = timed(lambda: gp.analyze(gm))
+        groups, t_analyze = timed(lambda gm=gm: gp.analyze(gm))
         result, t_compress = timed(
             lambda: gp.compress(model, "magnitude", example_inputs=x, flops_target=0.5)
         )
@@ -65,13 +64,12 @@ def main() -> None:
     rows = [measure(name, args.repeats) for name in MODELS]
     info = {
         "date": date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": f"{machine()['cpu']}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
         "command": "python " + " ".join(sys.argv),
         "rows": rows,
     }
-    with open(args.json, "w") as f:
-        json.dump(info, f, indent=2)
+    save(args.json, info)
     print(f"{info['date']}, {info['machine']}, torch {info['torch']}: `{info['command']}`\n")
     print("| model | convs | groups | trace (s) | analyze (s) | compress() (s) | MACs kept |")
     print("|---|---|---|---|---|---|---|")

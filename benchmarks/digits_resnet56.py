@@ -2,7 +2,7 @@
 
 Recipe: digits upsampled to 16x16, fixed stratified split (1437 train / 360 test,
 random_state=0), batch 32, SGD momentum 0.9, weight decay 1e-4 (not on norms/biases), cosine lr.
-Base: 15 epochs at lr 0.1. Pruning: ResRep trains 12 epochs at lr 0.05 from the base; the peer
+Base: 15 epochs at lr 0.1 (1 epoch linear warm-up). Pruning: ResRep trains 12 epochs at lr 0.05 from the base; the peer
 prunes the base one-shot and fine-tunes 12 epochs at lr 0.05. round_to=1 for both.
 ``--subset 400`` is the harder variant (first 400 training images; 30 base / 24 pruning epochs,
 so ResRep still gets >= 300 iterations), run with ``--seeds 0 1 2``.

@@ -1,7 +1,7 @@
 """graphprune: a graph-level structured-pruning compiler for PyTorch CNNs."""
 
 from .analysis import ChannelGroup, analyze, build_channel_graph
-from .api import CompressionResult, compress
+from .api import CompressionResult, compress, export
 from .errors import (
     BackendUnavailableError,
     ExportError,
@@ -18,6 +18,7 @@ from .tracing import trace
 __all__ = [
     "CompressionResult",
     "compress",
+    "export",
     "BackendUnavailableError",
     "ChannelGroup",
     "ExportError",

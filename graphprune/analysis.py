@@ -201,7 +201,9 @@ def _group(b: Builder) -> ChannelGraph:
     same_class = pairs[0, 1:] == pairs[0, :-1]
     deps = nx.Graph()
     deps.add_nodes_from(range(len(b.sources)))
-    deps.add_edges_from(zip(pairs[1, :-1][same_class].tolist(), pairs[1, 1:][same_class].tolist()))
+    deps.add_edges_from(
+        zip(pairs[1, :-1][same_class].tolist(), pairs[1, 1:][same_class].tolist(), strict=True)
+    )
     # Sources are numbered in graph order, so ordering by the first source is deterministic.
     comps = sorted(min(c) for c in nx.connected_components(deps))
     source_group = np.empty(len(b.sources), dtype=np.int64)

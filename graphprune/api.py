@@ -96,3 +96,20 @@ def compress(
         extra,
     )
     return CompressionResult(pruned, report)
+
+
+def export(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    path,
+    *,
+    backend: str = "onnx",
+    fp16: bool = False,
+    **options: object,
+):
+    """Write a deployable artifact: ``backend="onnx"`` (cleaned with onnx-graphsurgeon) or
+    ``"tensorrt"`` (an engine built from that ONNX; needs the tensorrt package and a GPU).
+    See graphprune.backends.export; imported lazily so ``import graphprune`` stays light."""
+    from .backends import export as _export
+
+    return _export(model, example_inputs, path, backend=backend, fp16=fp16, **options)

@@ -48,7 +48,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return 0
     print(
-        f"{args.model}: {macs.macs / 1e6:.3f} M MACs (conv+linear), {macs.params / 1e6:.4f} M params"
+        f"{args.model}: {macs.macs / 1e6:.3f} M MACs (conv+linear), "
+        f"{macs.params / 1e6:.4f} M params"
     )
     print(f"{len(groups)} channel groups, {sum(g.prunable for g in groups)} prunable")
     print(f"{'id':>4} {'channels':>8} {'members':>7}  {'status':<10} producers / reason")

@@ -32,7 +32,7 @@ def _base_model(out: Path, train, test, epochs: int):
     """Train ResNet-56, or reuse ``out/base.pt`` if it was trained with the same recipe."""
     model = resnet56(num_classes=10, in_channels=1)
     path = out / "base.pt"
-    recipe = {"epochs": epochs, "lr": BASE_LR, "batch": BATCH, "seed": 0}
+    recipe = {"epochs": epochs, "lr": BASE_LR, "warmup_epochs": 1, "batch": BATCH, "seed": 0}
     if path.exists():
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
@@ -44,7 +44,16 @@ def _base_model(out: Path, train, test, epochs: int):
             print(f"[1/4] ignoring unreadable cache {path}: {exc}")
     print(f"[1/4] training the base ResNet-56 ({epochs} epochs, lr {BASE_LR}, batch {BATCH})")
     torch.manual_seed(0)
-    fit(model, train, epochs=epochs, lr=BASE_LR, val_loader=test, eval_every=epochs, desc="base")
+    fit(
+        model,
+        train,
+        epochs=epochs,
+        lr=BASE_LR,
+        warmup_epochs=1,
+        val_loader=test,
+        eval_every=epochs,
+        desc="base",
+    )
     atomic_save({"model": model.state_dict(), "recipe": recipe}, path)
     return model
 
@@ -145,7 +154,8 @@ def _format(r: dict, lat: dict) -> str:
         f"MACs reduction {r['macs_reduction']:.1%} (target {1 - r['flops_target']:.0%} fewer); "
         f"accuracy right before folding {r['accuracy_before_folding']:.2f}%, after folding "
         f"{r['accuracy_after_folding']:.2f}% (folding is lossless); ONNX Runtime max abs diff "
-        f"dense {r['onnx_max_abs_diff']['dense']:.1e}, pruned {r['onnx_max_abs_diff']['pruned']:.1e}; "
+        f"dense {r['onnx_max_abs_diff']['dense']:.1e}, "
+        f"pruned {r['onnx_max_abs_diff']['pruned']:.1e}; "
         f"{r['seconds']:.0f} s in all.",
     ]
     return "\n".join(lines)

@@ -389,7 +389,9 @@ def _nonzero_after(node: fx.Node, tensors, params) -> bool:
     if node.target in _MUL:
         if params:
             return False  # the parameter's own entries for the channel are zeroed
-        return all(flags) if all(carries) else any(f for f, c in zip(flags, carries) if c)
+        return (
+            all(flags) if all(carries) else any(f for f, c in zip(flags, carries, strict=True) if c)
+        )
     if node.target in _DIV:
         divisor = (
             tensors[-1][0]

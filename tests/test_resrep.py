@@ -366,7 +366,9 @@ def test_extreme_target_never_empties_a_group() -> None:
     torch.manual_seed(0)
     gm = trace(randomize_(ZOO["resnet_basic"]()), (torch.randn(ZOO_INPUT_SHAPE),))
     with pytest.raises(PlanError) as err:
-        ResRep(copy.deepcopy(gm), flops_target=1e-3, total_iters=1000, schedule=schedule(), round_to=1)
+        ResRep(
+            copy.deepcopy(gm), flops_target=1e-3, total_iters=1000, schedule=schedule(), round_to=1
+        )
     floor = float(re.search(r"(\d\.\d+) of the MACs remain", str(err.value)).group(1))
     rr = ResRep(gm, flops_target=floor + 2e-3, total_iters=1000, schedule=schedule(), round_to=1)
     randomize_compactors_(rr.compactors, seed=2)

@@ -220,9 +220,15 @@ class ResRep:
         for c in self.compactors:
             c.mask.copy_(torch.from_numpy(new[c.group][c.channel_index.numpy()]).float())
 
-    def _select(self, scores: dict[int, np.ndarray], cap: int | None) -> dict[int, np.ndarray] | None:
+    def _select(
+        self, scores: dict[int, np.ndarray], cap: int | None
+    ) -> dict[int, np.ndarray] | None:
         plan, reached = walk(
-            self.graph, scores, self.layer_macs, self.flops_target, round_to=self.round_to,
+            self.graph,
+            scores,
+            self.layer_macs,
+            self.flops_target,
+            round_to=self.round_to,
             max_drop=cap,
         )
         if cap is None and not reached:
