@@ -229,12 +229,10 @@ def _bypass(graph: gs.Graph, node: gs.Node) -> None:
 
 def _check_writable(path: Path) -> None:
     """Fail before a slow export when the destination cannot be written."""
+    from graphprune.io import check_writable
+
     try:
-        if path.is_dir():
-            raise IsADirectoryError(f"{path} is a directory")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".graphprune-probe-"):
-            pass
+        check_writable(path)
     except OSError as exc:
         raise ExportError(
             f"cannot write the ONNX file {path}: {exc}. Choose a writable path."

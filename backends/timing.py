@@ -83,4 +83,11 @@ def available_cpus() -> int:
 
 def cpu_name() -> str:
     """A short CPU description for reports; platform.processor() is often empty on Linux."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
     return f"cpu ({platform.processor() or platform.machine()})"

@@ -62,8 +62,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from . import compress
-    from .io import save_model
+    from .io import check_writable, save_model
 
+    if args.out:
+        check_writable(args.out)  # before any training, not after
     options: dict[str, object] = {}
     if args.method == "resrep":
         from .data import loaders_for
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (GraphpruneError, ValueError, FileNotFoundError, ImportError) as exc:
+    except (GraphpruneError, ValueError, OSError, ImportError) as exc:
         print(f"graphprune {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

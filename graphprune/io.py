@@ -15,6 +15,17 @@ import torch
 from torch import nn
 
 
+def check_writable(path: str | Path) -> Path:
+    """Fail early (before training or a slow export) when ``path`` cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give a file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".graphprune-probe-"):
+        pass
+    return path
+
+
 def atomic_save(obj: object, path: str | Path) -> Path:
     """torch.save to a temporary file in the same folder, then rename: never a torn file."""
     path = Path(path)

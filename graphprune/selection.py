@@ -116,7 +116,8 @@ def select_channels(
         floor = model.macs / model.dense
         raise PlanError(
             f"flops_target={flops_target} is out of reach: keeping one channel per prunable "
-            f"group still leaves {floor:.3f} of the dense MACs; ask for at least {floor:.3f} "
+            f"group (rounded up to a multiple of round_to={round_to}) still leaves "
+            f"{floor:.3f} of the dense MACs; ask for at least {floor:.3f}, lower round_to, "
             "or make more layers prunable"
         )
     return keep_every_member_alive(graph, plan, scores)

@@ -171,5 +171,3 @@ def test_bare_tensor_example_input_is_one_input() -> None:
     gm = trace(model, x)  # type: ignore[arg-type]
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x))
-
-
