@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 import re
 import tempfile
 import warnings
@@ -70,6 +71,8 @@ def export_onnx(
     """
     path = Path(path)
     _check_writable(path)
+    # The exporter announces every torchvision op it cannot register; we never use them.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     inputs = _as_tuple(example_inputs)
     work = copy.deepcopy(model).eval()
     with torch.no_grad():

@@ -120,6 +120,31 @@ def peer_row(base, example, target, train, test, *, epochs, lr, seed, ignored) -
     }
 
 
+def compare(base, example, targets, train, test, *, epochs: int, seed: int) -> list[dict]:
+    """ResRep and the peer at each target, from copies of the same base model."""
+    rows = []
+    for target in targets:
+        for row_fn in (resrep_row, peer_row):
+            extra = {"ignored": lambda m: [m.fc]} if row_fn is peer_row else {}
+            row = row_fn(
+                copy.deepcopy(base),
+                example,
+                target,
+                train,
+                test,
+                epochs=epochs,
+                lr=0.05,
+                seed=seed,
+                **extra,
+            )
+            row["seed"] = seed
+            rows.append(row)
+            print(
+                {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True
+            )
+    return rows
+
+
 def mean_rows(rows: list[dict]) -> list[dict]:
     """Average rows of the same (method, target) over seeds."""
     keys = sorted({(r["method"], r["target"]) for r in rows}, key=lambda k: (-k[1], k[0]))

@@ -2,8 +2,9 @@
 
 Recipe: digits upsampled to 16x16, fixed stratified split (1437 train / 360 test,
 random_state=0), batch 32, SGD momentum 0.9, weight decay 1e-4 (not on norms/biases), cosine lr.
-Base: 15 epochs at lr 0.1 (1 epoch linear warm-up). Pruning: ResRep trains 12 epochs at lr 0.05 from the base; the peer
-prunes the base one-shot and fine-tunes 12 epochs at lr 0.05. round_to=1 for both.
+Base: 15 epochs at lr 0.1 (1 epoch linear warm-up). Pruning: ResRep trains 12 epochs at lr 0.05
+from the base; the peer prunes the base one-shot and fine-tunes 12 epochs at lr 0.05.
+round_to=1 for both.
 ``--subset 400`` is the harder variant (first 400 training images; 30 base / 24 pruning epochs,
 so ResRep still gets >= 300 iterations), run with ``--seeds 0 1 2``.
 
@@ -13,10 +14,9 @@ so ResRep still gets >= 300 iterations), run with ``--seeds 0 1 2``.
 from __future__ import annotations
 
 import argparse
-import copy
 
 import torch
-from common import machine, markdown, mean_rows, peer_row, resrep_row, save, train_base
+from common import compare, machine, markdown, mean_rows, save, train_base
 from torch.utils.data import DataLoader, Subset
 
 from graphprune.data import load_digits_splits
@@ -45,26 +45,7 @@ def main() -> None:
         base_acc, base_s = train_base(base, train, test, epochs=base_epochs, lr=0.1, seed=seed)
         bases.append(base_acc)
         print(f"seed {seed}: base {base_acc:.2f}% ({base_s:.0f} s)", flush=True)
-        for target in args.targets:
-            for row_fn in (resrep_row, peer_row):
-                extra = {"ignored": lambda m: [m.fc]} if row_fn is peer_row else {}
-                row = row_fn(
-                    copy.deepcopy(base),
-                    example,
-                    target,
-                    train,
-                    test,
-                    epochs=epochs,
-                    lr=0.05,
-                    seed=seed,
-                    **extra,
-                )
-                row["seed"] = seed
-                rows.append(row)
-                print(
-                    {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()},
-                    flush=True,
-                )
+        rows += compare(base, example, args.targets, train, test, epochs=epochs, seed=seed)
     base_acc = sum(bases) / len(bases)
     table = markdown(mean_rows(rows), base_acc)
     name = f"digits_resnet56{'_subset' + str(args.subset) if args.subset else ''}"

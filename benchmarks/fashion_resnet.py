@@ -3,8 +3,9 @@
 Data: Debian's dataset-fashion-mnist (the four original IDX files), 28x28, 10 classes; the full
 10,000-image test set; on CPU a fixed 10,000-image training subset (``--train-subset``), the full
 60,000 on a GPU machine (``--train-subset 0``). Recipe: batch 64, SGD momentum 0.9, weight decay
-1e-4 (not on norms/biases), cosine lr. Base: 6 epochs at lr 0.1 (1 epoch linear warm-up). Pruning: ResRep trains 4 epochs
-at lr 0.05 from the base; the peer prunes one-shot and fine-tunes 4 epochs at lr 0.05.
+1e-4 (not on norms/biases), cosine lr. Base: 6 epochs at lr 0.1 (1 epoch linear warm-up).
+Pruning: ResRep trains 4 epochs at lr 0.05 from the base; the peer prunes one-shot and
+fine-tunes 4 epochs at lr 0.05.
 
     python benchmarks/fashion_resnet.py [--models resnet20 resnet56] [--targets 0.5 0.3 0.1]
 """
@@ -12,10 +13,9 @@ at lr 0.05 from the base; the peer prunes one-shot and fine-tunes 4 epochs at lr
 from __future__ import annotations
 
 import argparse
-import copy
 
 import torch
-from common import machine, markdown, peer_row, resrep_row, save, train_base
+from common import compare, machine, markdown, save, train_base
 from torch.utils.data import DataLoader
 
 from graphprune.data import load_fashion_mnist
@@ -43,26 +43,7 @@ def main() -> None:
         base = cifar_resnet(DEPTHS[name], num_classes=10, in_channels=1)
         base_acc, base_s = train_base(base, train, test, epochs=args.base_epochs, lr=0.1, seed=0)
         print(f"{name}: base {base_acc:.2f}% ({base_s:.0f} s)", flush=True)
-        rows = []
-        for target in args.targets:
-            for row_fn in (resrep_row, peer_row):
-                extra = {"ignored": lambda m: [m.fc]} if row_fn is peer_row else {}
-                row = row_fn(
-                    copy.deepcopy(base),
-                    example,
-                    target,
-                    train,
-                    test,
-                    epochs=args.epochs,
-                    lr=0.05,
-                    seed=0,
-                    **extra,
-                )
-                rows.append(row)
-                print(
-                    {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()},
-                    flush=True,
-                )
+        rows = compare(base, example, args.targets, train, test, epochs=args.epochs, seed=0)
         results[name] = {"base_acc": base_acc, "base_seconds": base_s, "rows": rows}
         tables.append(f"### {name}\n\n" + markdown(rows, base_acc))
     save(

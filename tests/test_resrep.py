@@ -35,13 +35,7 @@ NAMES = sorted(ZOO)
 DIGITS = (1, 1, 8, 8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster than two contending ones, and bitwise repeatable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cnn(c1: int = 16, c2: int = 32) -> nn.Sequential:

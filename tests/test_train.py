@@ -13,13 +13,7 @@ from graphprune import io as gp_io
 from graphprune.errors import TrainingError
 from graphprune.train import CHECKPOINT, cosine_lr, evaluate, fit
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Scalar(nn.Module):
