@@ -1,0 +1,143 @@
+"""Channel rules of layers with parameters: conv, linear, norms, PReLU."""
+
+from __future__ import annotations
+
+import numpy as np
+from torch import fx, nn
+
+from ..analysis import Builder, MacLayer
+from ..channels import ChannelError, TensorChannels
+from . import _shape, _tc, register
+
+
+# --- layers that create channels --------------------------------------------------------------
+@register(
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d
+)
+def _conv(b: Builder, node: fx.Node, m: nn.Module) -> TensorChannels:
+    x = _tc(b, node.args[0])
+    t = str(node.target)
+    transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
+    in_axis, out_axis = (0, 1) if transposed else (1, 0)
+    cout, g = m.out_channels, m.groups
+    kind = "producer" if g == 1 else "grouped"
+    out = b.fresh(cout, t, kind)
+    x_atoms = x.along(1) if 1 in x.dims else None
+    _consumes(b, node, x)
+    if g == 1:
+        if x_atoms is not None:
+            b.site(f"{t}.weight", in_axis, x_atoms, "in")
+        b.site(f"{t}.weight", out_axis, out, "out")
+        b.mac_layers.append(_mac(t, x_atoms, out))
+    else:
+        # Whole conv groups are the unit: tie each group's input and output channels.
+        if x_atoms is None:
+            b.block(out, f"{t}: grouped conv whose input channels are unknown")
+        else:
+            for k in range(g):
+                b.uf.tie(np.concatenate([x_atoms.reshape(g, -1)[k], out.reshape(g, -1)[k]]))
+            b.site(f"{t}.weight", 0, x_atoms if transposed else out, "in" if transposed else "out")
+        b.mac_layers.append(_mac(t, None, out))
+    if m.bias is not None:
+        b.site(f"{t}.bias", 0, out, "out")
+    return TensorChannels((1,), out)
+
+
+def _consumes(b: Builder, node: fx.Node, x: TensorChannels) -> None:
+    """A layer reading channels that are not zero when their producers are zeroed: removing
+    them changes this layer's output, so their groups are not exact."""
+    if x.nonzero_when_zeroed and x.dims:
+        b.mark_inexact(
+            x.all_atoms(),
+            f"{node.name}: reads channels that an earlier op (sigmoid, non-affine norm, "
+            "+constant, ...) makes non-zero even when zeroed",
+        )
+
+
+def _mac(target: str, in_atoms: np.ndarray | None, out_atoms: np.ndarray) -> MacLayer:
+    return MacLayer(target, in_atoms, out_atoms)
+
+
+@register(nn.Linear)
+def _linear(b: Builder, node: fx.Node, m: nn.Linear) -> TensorChannels:
+    x = _tc(b, node.args[0])
+    t = str(node.target)
+    last = len(_shape(node)) - 1
+    out = b.fresh(m.out_features, t, "producer")
+    if x.dims and x.dims != (last,):
+        raise ChannelError("linear over a tensor with channels on other dims than the last")
+    in_atoms = x.atoms if x.dims else None
+    _consumes(b, node, x)
+    if in_atoms is not None:
+        b.site(f"{t}.weight", 1, in_atoms, "in")
+    b.site(f"{t}.weight", 0, out, "out")
+    if m.bias is not None:
+        b.site(f"{t}.bias", 0, out, "out")
+    b.mac_layers.append(_mac(t, in_atoms, out))
+    return TensorChannels((last,), out)
+
+
+# --- normalization --------------------------------------------------------------------------
+@register(nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+def _batchnorm(b: Builder, node: fx.Node, m: nn.Module) -> TensorChannels:
+    x = _tc(b, node.args[0])
+    if 1 not in x.dims:
+        return x
+    atoms = x.along(1)
+    t = str(node.target)
+    for name, tensor in list(m.named_parameters(recurse=False)) + list(
+        m.named_buffers(recurse=False)
+    ):
+        if tensor is not None and tensor.dim() == 1 and tensor.numel() == len(atoms):
+            b.site(f"{t}.{name}", 0, atoms, "out" if name in ("weight", "bias") else "stat")
+    if getattr(m, "affine", False):
+        return x.marked_nonzero(False)  # zeroed γ and β give exactly zero
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return x.marked_nonzero(True)  # a zero channel comes out as -μ/σ
+    return x  # instance norm maps a constant channel to zero; keeps what came in
+
+
+@register(nn.GroupNorm)
+def _groupnorm(b: Builder, node: fx.Node, m: nn.GroupNorm) -> TensorChannels:
+    x = _tc(b, node.args[0])
+    if 1 not in x.dims:
+        return x
+    atoms = x.along(1)
+    # Statistics are per group: only whole groups can go without changing the others.
+    for group in atoms.reshape(m.num_groups, -1):
+        b.uf.tie(group)
+    t = str(node.target)
+    if m.affine:
+        b.site(f"{t}.weight", 0, atoms, "out")
+        b.site(f"{t}.bias", 0, atoms, "out")
+    else:
+        b.block(atoms, f"{t}: GroupNorm without affine parameters")
+    return x.marked_nonzero(False)
+
+
+@register(nn.LayerNorm)
+def _layernorm(b: Builder, node: fx.Node, m: nn.LayerNorm) -> TensorChannels:
+    x = _tc(b, node.args[0])
+    nd = len(_shape(node))
+    normed = list(range(nd - len(m.normalized_shape), nd))
+    hit = [d for d in x.dims if d in normed]
+    if not hit:
+        return x
+    t = str(node.target)
+    if len(hit) > 1 or m.weight is None:
+        raise ChannelError("LayerNorm over several channel dims or without affine weight")
+    atoms = x.along(hit[0])
+    axis = normed.index(hit[0])
+    b.site(f"{t}.weight", axis, atoms, "out")
+    if m.bias is not None:
+        b.site(f"{t}.bias", axis, atoms, "out")
+    b.mark_inexact(atoms, f"{t}: LayerNorm statistics include every channel")
+    return x.marked_nonzero(False)
+
+
+@register(nn.PReLU)
+def _prelu(b: Builder, node: fx.Node, m: nn.PReLU) -> TensorChannels:
+    x = _tc(b, node.args[0])
+    if m.num_parameters > 1 and 1 in x.dims:
+        b.site(f"{node.target}.weight", 0, x.along(1), "out")
+    return x
