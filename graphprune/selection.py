@@ -19,6 +19,7 @@ from torch import fx
 from .analysis import ChannelGraph
 from .errors import PlanError
 from .pipeline import get_tensor
+from .plan import keep_every_member_alive
 
 
 def l2_scores(gm: fx.GraphModule, graph: ChannelGraph) -> dict[int, np.ndarray]:
@@ -158,22 +159,6 @@ def walk(
             best = np.argsort(-np.asarray(arr), kind="stable")[:keep]
             plan[gid] = np.sort(best)
     return plan, model.macs <= target * (1 + 1e-9)
-
-
-def keep_every_member_alive(
-    graph: ChannelGraph, plan: dict[int, np.ndarray], scores: Mapping[int, np.ndarray]
-) -> dict[int, np.ndarray]:
-    """Give back the best channel to any member (e.g. one half of a split) left empty."""
-    removed = graph.removed_mask(plan)
-    for s in graph.sites:
-        if s.atoms.size and removed[s.atoms].all():
-            gids, pos = graph.positions(s.atoms.reshape(-1))
-            gid = int(gids[0])
-            candidates = np.unique(pos[gids == gid])
-            best = candidates[np.argmax(np.asarray(scores[gid])[candidates])]
-            plan[gid] = np.union1d(plan[gid], [best])
-            removed = graph.removed_mask(plan)
-    return plan
 
 
 def normalized(scores: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:

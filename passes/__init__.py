@@ -4,16 +4,13 @@ from .cleanup import cleanup
 from .fold_compactors import fold_compactors
 from .fuse_bn import fuse_bn
 from .insert_compactors import compactable_groups, insert_compactors
-from .prune_channels import dead_channel_plan, prune_channels, round_plan, validate_plan
+from .prune_channels import prune_channels
 
 __all__ = [
     "cleanup",
     "compactable_groups",
-    "dead_channel_plan",
     "fold_compactors",
     "fuse_bn",
     "insert_compactors",
     "prune_channels",
-    "round_plan",
-    "validate_plan",
 ]

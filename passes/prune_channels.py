@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import operator
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -13,8 +12,9 @@ from torch import fx, nn
 from graphprune import meta
 from graphprune.analysis import ChannelGraph, build_channel_graph
 from graphprune.channels import TensorChannels
-from graphprune.errors import GraphInvariantError, PlanError
+from graphprune.errors import GraphInvariantError
 from graphprune.pipeline import PassContext, PassResult, get_tensor, set_tensor
+from graphprune.plan import check_nothing_emptied, dead_channel_plan, round_plan, validate_plan
 from graphprune.tracing import propagate_shapes
 
 
@@ -41,109 +41,6 @@ def prune_channels(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     propagate_shapes(gm)
     widths = {gid: len(keep) for gid, keep in plan.items()}
     return PassResult(gm, True, {"removed_channels": int(removed.sum()), "widths": widths})
-
-
-def validate_plan(graph: ChannelGraph, plan: Mapping[int, Sequence[int]]) -> dict[int, np.ndarray]:
-    """Check every entry names a prunable group and keeps a valid, non-empty channel set."""
-    groups = graph.groups
-    out: dict[int, np.ndarray] = {}
-    for gid, keep in plan.items():
-        if not isinstance(gid, (int, np.integer)) or not 0 <= gid < len(groups):
-            raise PlanError(f"plan names group {gid!r}; this model has groups 0..{len(groups) - 1}")
-        g = groups[gid]
-        if any(not isinstance(k, (int, np.integer)) or isinstance(k, bool) for k in keep):
-            raise PlanError(f"group {gid}: kept channel indices must be integers, got {list(keep)}")
-        kept = np.asarray(sorted(int(k) for k in keep), dtype=np.int64)
-        if len(kept) == g.channels and np.array_equal(kept, np.arange(g.channels)):
-            continue
-        if not g.prunable:
-            raise PlanError(f"group {gid} cannot be pruned: {'; '.join(g.reasons)}")
-        if len(kept) == 0:
-            raise PlanError(
-                f"plan keeps no channel of group {gid} ({', '.join(g.producers)}): "
-                "keep at least one, or the layers lose their whole output"
-            )
-        if kept[0] < 0 or kept[-1] >= g.channels:
-            raise PlanError(
-                f"group {gid} has channels 0..{g.channels - 1}; plan keeps {kept.tolist()}"
-            )
-        if len(np.unique(kept)) != len(kept):
-            raise PlanError(f"plan keeps channels of group {gid} more than once: {kept.tolist()}")
-        out[int(gid)] = kept
-    return out
-
-
-@torch.no_grad()
-def dead_channel_plan(gm: fx.GraphModule, graph: ChannelGraph) -> dict[int, np.ndarray]:
-    """Keep the channels with any non-zero producer-side entry (conv row, bias, norm affine).
-
-    A channel whose producer-side entries are all zero is zero wherever it flows, so removing
-    it is exact. At least one channel per group is kept.
-    """
-    alive = {g.id: np.zeros(g.channels, dtype=bool) for g in graph.groups if g.prunable}
-    for s in graph.sites:
-        if s.role != "out" or s.atoms.ndim != 1:
-            continue
-        t = get_tensor(gm, s.path).detach()
-        nonzero = (t.transpose(0, s.axis).reshape(t.shape[s.axis], -1) != 0).any(dim=1).numpy()
-        gids, pos = graph.positions(s.atoms)
-        for gid in alive:
-            hit = (gids == gid) & nonzero
-            alive[gid][pos[hit]] = True
-    plan = {}
-    for gid, a in alive.items():
-        if not a.any():
-            a[0] = True
-        if not a.all():
-            plan[gid] = np.nonzero(a)[0]
-    return plan
-
-
-def check_nothing_emptied(graph: ChannelGraph, removed: np.ndarray) -> None:
-    """A plan may keep a group alive yet drop every channel one member sees (e.g. the half
-    of a split a branch reads); that member would be left with zero channels."""
-    for s in graph.sites:
-        if s.atoms.size and removed[s.atoms].all():
-            gids = sorted(set(graph.atom_group[s.atoms].tolist()))
-            raise PlanError(
-                f"plan removes every channel along axis {s.axis} of {s.path} (groups {gids}); "
-                "keep at least one of the channels it reads"
-            )
-
-
-def round_plan(
-    graph: ChannelGraph,
-    plan: dict[int, np.ndarray],
-    round_to: int,
-    scores: Mapping[int, Sequence[float]] | None = None,
-) -> dict[int, np.ndarray]:
-    """Round each kept width up to a multiple of ``round_to`` (never above the group's size).
-
-    Channels are added back by highest score, or lowest index when no scores are given.
-    Groups whose channels are tied blocks (GroupNorm groups, conv groups) keep their widths.
-    """
-    if round_to <= 1:
-        return plan
-    out = {}
-    for gid, kept in plan.items():
-        n = graph.groups[gid].channels
-        want = min(n, -(-len(kept) // round_to) * round_to)
-        if want == len(kept) or _tied(graph, gid):
-            out[gid] = kept
-            continue
-        dropped = np.setdiff1d(np.arange(n), kept)
-        if scores is not None and gid in scores:
-            s = np.asarray(scores[gid])[dropped]
-            dropped = dropped[np.argsort(-s, kind="stable")]
-        out[gid] = np.sort(np.concatenate([kept, dropped[: want - len(kept)]]))
-    return out
-
-
-def _tied(graph: ChannelGraph, gid: int) -> bool:
-    """True when one channel of the group spans several channels of one producer."""
-    atoms = np.nonzero(graph.atom_group == gid)[0]
-    pairs = np.unique(np.stack([graph.atom_source[atoms], graph.atom_pos[atoms]]), axis=1)
-    return pairs.shape[1] < len(atoms)
 
 
 def _slice_tensors(gm: fx.GraphModule, graph: ChannelGraph, removed: np.ndarray) -> None:

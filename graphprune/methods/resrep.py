@@ -32,7 +32,8 @@ from graphprune.errors import PlanError
 from graphprune.macs import count_macs
 from graphprune.passes import cleanup, fold_compactors, fuse_bn, insert_compactors, prune_channels
 from graphprune.pipeline import PassContext, run_passes
-from graphprune.selection import MacsModel, keep_every_member_alive, rounded_width, walk
+from graphprune.plan import keep_every_member_alive
+from graphprune.selection import MacsModel, rounded_width, walk
 from graphprune.tracing import example_inputs_of
 
 RESREP_FINALIZE = [
