@@ -55,6 +55,7 @@ class ResRepSchedule:
     masked_penalty: float  # λ on masked rows; equal to ``penalty`` in the paper
     compactor_momentum: float
     eps: float = 1e-8  # keeps λ·Q/||Q|| finite at Q = 0 (the official code has none)
+    mask_until: int | None = None  # last iteration that may change masks (None: the paper's, never)
 
     @staticmethod
     def paper(iters_per_epoch: int) -> ResRepSchedule:
@@ -73,11 +74,13 @@ class ResRepSchedule:
         """Fit the schedule to the budget, assuming a cosine lr from ``lr`` to 0.
 
         Masking runs from 5% to 30% of training in ~30 updates, each allowed 1.25x its share
-        of the channels to mask. Active rows keep the paper's λ = 1e-4. Masked rows get a
-        stronger λ_m, set so that a row pushed by λ_m·Q/||Q|| with momentum μ travels about
-        twice its initial norm (1) over the last 65%: λ_m = 2·(1 − μ) / Σ lr_t. Below
-        ||Q|| = eps = lr·λ_m/2 the push acts as a weight decay too weak to overshoot and the
-        row shrinks geometrically, under the 1e-5 folding threshold. Short budgets use
+        of the channels to mask; then the masks are frozen, so no row is newly masked too late
+        to decay (re-ranking until the end left dozens of rows above the threshold on digits).
+        Active rows keep the paper's λ = 1e-4. Masked rows get a stronger λ_m, set so that a
+        row pushed by λ_m·Q/||Q|| with momentum μ travels about twice its initial norm (1)
+        over the last 65%: λ_m = 2·(1 − μ) / Σ lr_t. Below ||Q|| = eps = lr·λ_m/2 the push
+        acts as a weight decay too weak to overshoot and the row shrinks geometrically, under
+        the 1e-5 folding threshold. Short budgets use
         μ = 0.9: with the paper's 0.99 a row averages its push over ~100 steps and oscillates
         around zero instead of settling. These constants come from simulating one masked row
         under this schedule; it reaches 1e-5 from about 300 iterations on, not from 100. The
@@ -103,6 +106,7 @@ class ResRepSchedule:
             masked_penalty=masked_penalty,
             compactor_momentum=momentum,
             eps=0.5 * lr * masked_penalty,
+            mask_until=mask_end,
         )
 
 
@@ -185,9 +189,12 @@ class ResRep:
             c.weight.grad = new.view_as(c.weight)
 
     def step(self) -> None:
-        """Advance one iteration; re-choose masks every ``mask_interval`` after warm-up."""
+        """Advance one iteration; re-choose masks every ``mask_interval`` after warm-up,
+        until ``mask_until``."""
         self.iteration += 1
         s = self.schedule
+        if s.mask_until is not None and self.iteration > s.mask_until:
+            return
         if (
             self.iteration >= s.warmup_iters
             and (self.iteration - s.warmup_iters) % s.mask_interval == 0
