@@ -86,7 +86,8 @@ def run_demo(
         val_loader=test,
         epochs=epochs,
         lr=RESREP_LR,
-        checkpoint_dir=out / "resrep_ckpt",
+        # One checkpoint folder per setting: resuming never mixes runs with other targets.
+        checkpoint_dir=out / f"resrep_target{flops_target}_epochs{epochs}",
         resume=True,
     )
     pruned = result.model.eval()
