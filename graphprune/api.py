@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from .analysis import analyze
+from .analysis import build_channel_graph
 from .errors import PlanError
 from .macs import count_macs
 from .report import CompressionReport, build_report
@@ -56,7 +56,8 @@ def compress(
         )
     start = time.perf_counter()
     gm = trace(model, example_inputs, leaf_modules=leaf_modules)
-    groups = analyze(gm, strict=strict)
+    graph = build_channel_graph(gm, strict=strict)
+    groups = graph.groups
     dense = count_macs(gm, example_inputs)
     if not any(g.prunable for g in groups):
         reasons = "; ".join(sorted({r for g in groups for r in g.reasons}))
@@ -71,6 +72,7 @@ def compress(
             flops_target=flops_target,
             round_to=round_to,
             layer_macs=dense.per_layer,
+            graph=graph,
             verify=verify,
         )
     else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from graphprune.analysis import build_channel_graph
+from graphprune.analysis import ChannelGraph, build_channel_graph
 from graphprune.macs import count_macs
 from graphprune.passes import prune_channels
 from graphprune.pipeline import PassContext, run_passes
@@ -18,10 +18,15 @@ from graphprune.tracing import example_inputs_of
 
 
 def plan_magnitude(
-    gm: fx.GraphModule, flops_target: float, round_to: int, layer_macs: dict[str, int] | None = None
+    gm: fx.GraphModule,
+    flops_target: float,
+    round_to: int,
+    layer_macs: dict[str, int] | None = None,
+    graph: ChannelGraph | None = None,
 ):
-    """The plan (group id -> kept channels) and the scores it was chosen by."""
-    graph = build_channel_graph(gm)
+    """The plan (group id -> kept channels) and the scores it was chosen by. ``graph`` and
+    ``layer_macs`` may be passed when the caller already has them for this ``gm``."""
+    graph = graph or build_channel_graph(gm)
     scores = normalized(l2_scores(gm, graph))
     if layer_macs is None:
         layer_macs = count_macs(gm, example_inputs_of(gm)).per_layer
@@ -35,9 +40,10 @@ def compress_magnitude(
     flops_target: float,
     round_to: int = 8,
     layer_macs: dict[str, int] | None = None,
+    graph: ChannelGraph | None = None,
     verify: bool = False,
 ):
-    plan, scores = plan_magnitude(gm, flops_target, round_to, layer_macs)
+    plan, scores = plan_magnitude(gm, flops_target, round_to, layer_macs, graph)
     ctx = PassContext(plan=plan, scores=scores, round_to=round_to, verify=verify)
     result = run_passes(gm, [prune_channels], ctx)
     return result.gm, result.stats["prune_channels"], {}
