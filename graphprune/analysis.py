@@ -17,7 +17,7 @@ from torch import fx
 
 from . import meta
 from .channels import TensorChannels, UnionFind
-from .errors import UnsupportedOpError
+from .errors import TraceError, UnsupportedOpError
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +186,7 @@ def build_channel_graph(gm: fx.GraphModule, *, strict: bool = False) -> ChannelG
 def analyze(gm: fx.GraphModule, *, strict: bool = False) -> list[ChannelGroup]:
     """The channel groups of a traced model (see ``graphprune.trace``)."""
     if not any(meta.SHAPE in n.meta for n in gm.graph.nodes):
-        raise ValueError("analyze() needs a GraphModule from graphprune.trace() (with shapes)")
+        raise TraceError("analyze() needs a GraphModule from graphprune.trace() (with shapes)")
     return build_channel_graph(gm, strict=strict).groups
 
 

@@ -16,7 +16,7 @@ from .analysis import build_channel_graph
 from .errors import PlanError
 from .macs import count_macs
 from .report import CompressionReport, build_report
-from .tracing import trace
+from .tracing import example_inputs_of, trace
 
 METHODS = ("magnitude", "resrep")
 
@@ -58,7 +58,7 @@ def compress(
     gm = trace(model, example_inputs, leaf_modules=leaf_modules)
     graph = build_channel_graph(gm, strict=strict)
     groups = graph.groups
-    dense = count_macs(gm, example_inputs)
+    dense = count_macs(gm, example_inputs_of(gm))
     if not any(g.prunable for g in groups):
         reasons = "; ".join(sorted({r for g in groups for r in g.reasons}))
         raise PlanError(f"{type(model).__name__} has no prunable channel group ({reasons})")
@@ -91,7 +91,7 @@ def compress(
         method,
         flops_target,
         dense,
-        count_macs(pruned, example_inputs),
+        count_macs(pruned, example_inputs_of(gm)),
         groups,
         dict(stats.get("widths", {})),
         time.perf_counter() - start,

@@ -60,6 +60,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_accepts(model, sample, args: argparse.Namespace) -> None:
+    """ResRep trains on --data: the model must take its images and give 10 class scores."""
+    import torch
+
+    from .modes import eval_mode
+
+    try:
+        with torch.no_grad(), eval_mode(model):
+            out = model(sample)
+    except Exception as exc:
+        raise ValueError(
+            f"{args.model} does not accept the {args.data} images {tuple(sample.shape)}: {exc}. "
+            f"Give a model built for {sample.shape[1]}-channel inputs and 10 classes"
+        ) from exc
+    if not isinstance(out, torch.Tensor) or out.shape[-1] != 10:
+        raise ValueError(f"{args.model} must output 10 class scores for {args.data}")
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from . import compress
     from .io import check_writable, save_model
@@ -73,13 +91,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
         train, val = loaders_for(args.data, batch_size=args.batch_size)
         sample = next(iter(val))[0][:1]
+        inputs = (sample,)
         if args.model in ("resnet20", "resnet56"):  # built for the data's image channels
-            model, inputs = (
-                cifar_resnet(int(args.model[6:]), in_channels=sample.shape[1]),
-                (sample,),
-            )
+            model = cifar_resnet(int(args.model[6:]), in_channels=sample.shape[1])
         else:
-            model, inputs = _load(args.model)
+            model, _ = _load(args.model)
+            _check_accepts(model, sample, args)
         options = dict(train_loader=train, val_loader=val, epochs=args.epochs, lr=args.lr)
         if args.checkpoint_dir:
             options.update(checkpoint_dir=args.checkpoint_dir, resume=args.resume)

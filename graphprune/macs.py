@@ -13,7 +13,11 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-_MAC_OPS = ("aten.convolution", "aten.mm", "aten.addmm", "aten.bmm")
+from .modes import eval_mode
+
+# Convolutions and the matrix products nn.Linear lowers to; activation-activation products
+# (bmm of attention) are not counted, as in the papers' convention.
+_MAC_OPS = ("aten.convolution", "aten.mm", "aten.addmm")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,17 +38,12 @@ def count_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> Macs
     """Run one forward pass under FlopCounterMode and return MACs of conv and linear layers."""
     from .tracing import on_meta
 
-    was_training = model.training
-    model.eval()
-    try:
-        with FlopCounterMode(display=False) as counter:
-            try:
-                on_meta(model, example_inputs)  # counts need shapes only
-            except (NotImplementedError, RuntimeError):
-                counter.flop_counts.clear()
-                model(*example_inputs)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), FlopCounterMode(display=False) as counter:
+        try:
+            on_meta(model, example_inputs)  # counts need shapes only
+        except (NotImplementedError, RuntimeError):  # an op without a meta kernel: run it
+            counter.flop_counts.clear()
+            model(*example_inputs)
     counts = counter.get_flop_counts()
     root = type(model).__name__
     per_layer: dict[str, int] = {}

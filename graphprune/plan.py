@@ -56,12 +56,15 @@ def dead_channel_plan(gm: fx.GraphModule, graph: ChannelGraph) -> dict[int, np.n
     A channel whose producer-side entries are all zero is zero wherever it flows, so removing
     it is exact. At least one channel per group is kept.
     """
-    alive = {g.id: np.zeros(g.channels, dtype=bool) for g in graph.groups if g.prunable}
+    # Inexact groups are left whole: a zero producer does not make their channels vanish.
+    alive = {g.id: np.zeros(g.channels, dtype=bool) for g in graph.groups if g.prunable and g.exact}
     for s in graph.sites:
         if s.role != "out" or s.atoms.ndim != 1:
             continue
         t = get_tensor(gm, s.path).detach()
-        nonzero = (t.transpose(0, s.axis).reshape(t.shape[s.axis], -1) != 0).any(dim=1).numpy()
+        nonzero = (
+            (t.transpose(0, s.axis).reshape(t.shape[s.axis], -1) != 0).any(dim=1).cpu().numpy()
+        )
         gids, pos = graph.positions(s.atoms)
         for gid in alive:
             hit = (gids == gid) & nonzero
@@ -103,8 +106,8 @@ def round_plan(
     out = {}
     for gid, kept in plan.items():
         n = graph.groups[gid].channels
-        want = min(n, -(-len(kept) // round_to) * round_to)
-        if want == len(kept) or _tied(graph, gid):
+        want = rounded_width(len(kept), n, round_to, tied=is_tied(graph, gid))
+        if want == len(kept):
             out[gid] = kept
             continue
         dropped = np.setdiff1d(np.arange(n), kept)
@@ -115,7 +118,17 @@ def round_plan(
     return out
 
 
-def _tied(graph: ChannelGraph, gid: int) -> bool:
+def rounded_width(kept: int, total: int, round_to: int, *, tied: bool = False) -> int:
+    """The width ``kept`` channels become: rounded up to a multiple of ``round_to``, capped at
+    ``total``. Groups smaller than ``round_to`` and tied groups (one channel = a GroupNorm
+    group, a conv group, a shuffle column) are not rounded. The planner and the pruner both
+    use this, so the MACs a plan was chosen for are the MACs the pruned model has."""
+    if round_to <= 1 or total < round_to or tied:
+        return kept
+    return min(total, -(-kept // round_to) * round_to)
+
+
+def is_tied(graph: ChannelGraph, gid: int) -> bool:
     """True when one channel of the group spans several channels of one producer."""
     atoms = np.nonzero(graph.atom_group == gid)[0]
     pairs = np.unique(np.stack([graph.atom_source[atoms], graph.atom_pos[atoms]]), axis=1)

@@ -19,7 +19,7 @@ from torch import fx
 from .analysis import ChannelGraph
 from .errors import PlanError
 from .pipeline import get_tensor
-from .plan import keep_every_member_alive
+from .plan import is_tied, keep_every_member_alive, rounded_width
 
 
 def l2_scores(gm: fx.GraphModule, graph: ChannelGraph) -> dict[int, np.ndarray]:
@@ -34,7 +34,7 @@ def l2_scores(gm: fx.GraphModule, graph: ChannelGraph) -> dict[int, np.ndarray]:
         for gid in np.unique(gids).tolist():
             if gid in scores:
                 hit = gids == gid
-                np.add.at(scores[gid], pos[hit], norms.numpy()[hit])
+                np.add.at(scores[gid], pos[hit], norms.cpu().numpy()[hit])
     return scores
 
 
@@ -86,12 +86,6 @@ class MacsModel:
         return float(sum(self.layer_macs))
 
 
-def rounded_width(kept: int, total: int, round_to: int) -> int:
-    if round_to <= 1 or total < round_to:
-        return kept
-    return min(total, -(-kept // round_to) * round_to)
-
-
 def select_channels(
     graph: ChannelGraph,
     scores: Mapping[int, np.ndarray],
@@ -113,7 +107,8 @@ def select_channels(
     if not reached:
         model = MacsModel(graph, layer_macs)
         for gid in scores:
-            model.set_kept(gid, rounded_width(1, graph.groups[gid].channels, round_to))
+            n = graph.groups[gid].channels
+            model.set_kept(gid, rounded_width(1, n, round_to, tied=is_tied(graph, gid)))
         floor = model.macs / model.dense
         raise PlanError(
             f"flops_target={flops_target} is out of reach: keeping one channel per prunable "
@@ -140,6 +135,7 @@ def walk(
     model = MacsModel(graph, layer_macs)
     target = flops_target * model.dense
     order = sorted((float(s), gid, pos) for gid, arr in scores.items() for pos, s in enumerate(arr))
+    tied = {gid: is_tied(graph, gid) for gid in scores}
     removed: dict[int, int] = defaultdict(int)
     dropped = 0  # channels actually dropped after rounding, what max_drop limits
     for _, gid, _pos in order:
@@ -150,7 +146,7 @@ def walk(
             continue
         removed[gid] += 1
         before = model.kept[gid]
-        model.set_kept(gid, rounded_width(n - removed[gid], n, round_to))
+        model.set_kept(gid, rounded_width(n - removed[gid], n, round_to, tied=tied[gid]))
         dropped += before - model.kept[gid]
     plan = {}
     for gid, arr in scores.items():

@@ -19,6 +19,7 @@ from torch import fx, nn
 from . import meta
 from .compactor import Compactor
 from .errors import TraceError
+from .modes import eval_mode
 
 EXAMPLE_INPUTS = "graphprune.example_inputs"
 
@@ -114,17 +115,15 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor] 
         example_inputs = gm.meta.get(EXAMPLE_INPUTS)
         if example_inputs is None:
             raise TraceError("GraphModule has no recorded example inputs; pass example_inputs=")
-    was_training = gm.training
-    gm.eval()
-    try:
+    with eval_mode(gm):
         try:
-            on_meta(_RecordingRunner(gm), example_inputs)
-        except (NotImplementedError, RuntimeError):  # an op without a meta kernel: run it
-            _ShapeRecorder(gm).run(*example_inputs)
-    except Exception as exc:
-        raise TraceError(f"running the traced graph on the example inputs failed: {exc}") from exc
-    finally:
-        gm.train(was_training)
+            try:
+                on_meta(_RecordingRunner(gm), example_inputs)
+            except (NotImplementedError, RuntimeError):  # an op without a meta kernel: run it
+                _ShapeRecorder(gm).run(*example_inputs)
+        except Exception as exc:
+            msg = f"running the traced graph on the example inputs failed: {exc}"
+            raise TraceError(msg) from exc
 
 
 def example_inputs_of(gm: fx.GraphModule) -> tuple[torch.Tensor, ...]:

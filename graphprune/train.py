@@ -19,6 +19,7 @@ from torch import nn
 
 from .errors import TrainingError
 from .io import atomic_save
+from .modes import eval_mode
 
 CHECKPOINT = "last.pt"
 
@@ -51,13 +52,11 @@ def cosine_lr(base: float, iteration: int, total: int, warmup: int = 0) -> float
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable) -> float:
     """Top-1 accuracy in percent."""
-    was = model.training
-    model.eval()
     correct = total = 0
-    for x, y in loader:
-        correct += int((model(x).argmax(1) == y).sum())
-        total += len(y)
-    model.train(was)
+    with eval_mode(model):
+        for x, y in loader:
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
     return 100.0 * correct / max(total, 1)
 
 

@@ -7,6 +7,25 @@ from torch import fx
 from graphprune.pipeline import PassContext, PassResult
 
 
+def _mutates(node: fx.Node) -> bool:
+    """In-place calls (``x.relu_()``, ``operator.iadd``) matter even when their result is unused."""
+    if node.is_impure():
+        return True
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return (
+        name.endswith("_")
+        and not name.endswith("__")
+        or name.startswith("i")
+        and name
+        in (
+            "iadd",
+            "isub",
+            "imul",
+            "itruediv",
+        )
+    )
+
+
 def cleanup(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Remove nodes whose results are unused and modules no node calls.
 
@@ -14,7 +33,7 @@ def cleanup(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """
     before_nodes = len(gm.graph.nodes)
     before_modules = len(list(gm.modules()))
-    changed = gm.graph.eliminate_dead_code()
+    changed = gm.graph.eliminate_dead_code(is_impure_node=_mutates)
     gm.delete_all_unused_submodules()
     gm.recompile()
     removed = (before_nodes - len(gm.graph.nodes), before_modules - len(list(gm.modules())))

@@ -49,7 +49,10 @@ def _fold(conv: nn.modules.conv._ConvNd, compactor: Compactor, threshold: float)
     q = compactor.matrix.detach()
     k = conv.weight.detach()
     weight = torch.einsum("oc,c...->o...", q, k)
-    bias = q @ conv.bias.detach() if conv.bias is not None else torch.zeros(q.shape[0])
+    if conv.bias is not None:
+        bias = q @ conv.bias.detach()
+    else:
+        bias = torch.zeros(q.shape[0], device=q.device, dtype=q.dtype)
     norms = torch.linalg.vector_norm(q, dim=1)
     dead = norms < threshold
     if dead.all():

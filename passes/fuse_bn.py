@@ -11,10 +11,15 @@ from graphprune.pipeline import PassContext, PassResult
 def fuse_bn(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Merge each BatchNorm that directly follows a convolution into that convolution.
 
-    Requires: the conv's output is used by the BatchNorm only (else the pair is left alone).
+    Requires: the conv is called once and its output is used by the BatchNorm only (else the
+    pair is left alone).
     Effects:  conv(K, b) -> BN(γ, β, μ, σ)  becomes  conv(γ/σ·K, (b − μ)·γ/σ + β); BN nodes go.
     """
     fused = 0
+    calls: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls[str(n.target)] = calls.get(str(n.target), 0) + 1
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
             continue
@@ -23,7 +28,8 @@ def fuse_bn(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or src.op != "call_module":
             continue
         conv = gm.get_submodule(src.target)
-        if not _fusable(conv, bn) or len(src.users) != 1:
+        # A conv called at several nodes shares its weights; folding one BN would change all.
+        if not _fusable(conv, bn) or len(src.users) != 1 or calls[str(src.target)] != 1:
             continue
         _fold_into(conv, bn)
         node.replace_all_uses_with(src)

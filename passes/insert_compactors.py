@@ -94,7 +94,8 @@ def insert_compactors(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 after = users[0]
             conv = gm.get_submodule(node.target)
             name = f"{node.target}_compactor"
-            gm.add_submodule(name, Compactor(conv.out_channels, gid, torch.as_tensor(positions)))
+            compactor = Compactor(conv.out_channels, gid, torch.as_tensor(positions))
+            gm.add_submodule(name, compactor.to(conv.weight.device, conv.weight.dtype))
             with gm.graph.inserting_after(after):
                 new = gm.graph.call_module(name, (after,))
             after.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)

@@ -20,7 +20,7 @@ from torch import fx, nn
 from graphprune import trace
 from graphprune.analysis import ChannelGraph, ChannelGroup, analyze, build_channel_graph
 from graphprune.channels import TensorChannels
-from graphprune.errors import UnsupportedOpError
+from graphprune.errors import TraceError, UnsupportedOpError
 from graphprune.pipeline import PassContext, verify
 from graphprune.testing import randomize_, zero_dropped_channels
 from graphprune.zoo import ZOO, ZOO_INPUT_SHAPE, ConvNeXt, UnknownOp
@@ -422,7 +422,7 @@ def test_strict_analysis_accepts_every_zoo_model() -> None:
 
 
 def test_analyze_needs_a_traced_graph_module() -> None:
-    with pytest.raises(ValueError, match="trace"):
+    with pytest.raises(TraceError, match="trace"):
         analyze(fx.symbolic_trace(BasicBlockNet()))
 
 

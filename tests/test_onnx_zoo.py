@@ -7,9 +7,9 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+from graphprune.backends.ort import parity
 
 import graphprune as gp
-from graphprune.backends.ort import parity
 from graphprune.testing import randomize_
 from graphprune.zoo import ZOO, ZOO_INPUT_SHAPE
 

@@ -32,8 +32,8 @@ from graphprune.errors import PlanError
 from graphprune.macs import count_macs
 from graphprune.passes import cleanup, fold_compactors, fuse_bn, insert_compactors, prune_channels
 from graphprune.pipeline import PassContext, run_passes
-from graphprune.plan import keep_every_member_alive
-from graphprune.selection import MacsModel, rounded_width, walk
+from graphprune.plan import is_tied, keep_every_member_alive, rounded_width
+from graphprune.selection import MacsModel, walk
 from graphprune.tracing import example_inputs_of
 
 RESREP_FINALIZE = [
@@ -66,6 +66,7 @@ class ResRepSchedule:
             mask_interval=200,
             channels_per_update=4,
             penalty=1e-4,
+            masked_penalty=1e-4,
             compactor_momentum=0.99,
         )
 
@@ -73,9 +74,12 @@ class ResRepSchedule:
     def adaptive(total_iters: int, channels_to_mask: int, lr: float) -> ResRepSchedule:
         """Fit the schedule to the budget, assuming a cosine lr from ``lr`` to 0.
 
-        Masking runs from 5% to 30% of training in ~30 updates, each allowed 1.25x its share
-        of the channels to mask; then the masks are frozen, so no row is newly masked too late
-        to decay (re-ranking until the end left dozens of rows above the threshold on digits).
+        Masking runs from 5% to 30% of training in ~30 updates, each allowed twice its share
+        of the estimated channels to mask, and the last one uncapped so the target is reached
+        whatever the estimate (ranked by learned norms, cheap channels go first and more of
+        them are needed than a uniform-score estimate says); then the masks are frozen, so no
+        row is newly masked too late to decay (re-ranking until the end left dozens of rows
+        above the threshold on digits).
         Active rows keep the paper's λ = 1e-4. Masked rows get a stronger λ_m, set so that a
         row pushed by λ_m·Q/||Q|| with momentum μ travels about twice its initial norm (1)
         over the last 65%: λ_m = 2·(1 − μ) / Σ lr_t. Below ||Q|| = eps = lr·λ_m/2 the push
@@ -101,7 +105,7 @@ class ResRepSchedule:
         return ResRepSchedule(
             warmup_iters=warmup,
             mask_interval=interval,
-            channels_per_update=max(1, math.ceil(1.25 * channels_to_mask / updates)),
+            channels_per_update=max(1, math.ceil(2.0 * channels_to_mask / updates)),
             penalty=1e-4,
             masked_penalty=masked_penalty,
             compactor_momentum=momentum,
@@ -206,27 +210,30 @@ class ResRep:
         """Per group: each channel's compactor row norms summed over the group's compactors."""
         scores = {g: np.zeros(self.graph.groups[g].channels) for g in self.groups}
         for c in self.compactors:
-            norms = torch.linalg.vector_norm(c.matrix.detach(), dim=1).numpy()
-            np.add.at(scores[c.group], c.channel_index.numpy(), norms)
+            norms = torch.linalg.vector_norm(c.matrix.detach(), dim=1).cpu().numpy()
+            np.add.at(scores[c.group], c.channel_index.cpu().numpy(), norms)
         return scores
 
     def masks(self) -> dict[int, np.ndarray]:
         out = {g: np.ones(self.graph.groups[g].channels) for g in self.groups}
         for c in self.compactors:
-            out[c.group][c.channel_index.numpy()] = c.mask.numpy()
+            out[c.group][c.channel_index.cpu().numpy()] = c.mask.cpu().numpy()
         return out
 
     @torch.no_grad()
     def update_masks(self) -> None:
         """Rank all rows globally by norm; mask the lowest until the MACs target, but at most
-        ``channels_per_update`` more than are masked now. Recomputed from scratch each time."""
+        ``channels_per_update`` more than are masked now (no cap at the last update before
+        ``mask_until``). Recomputed from scratch each time."""
+        s = self.schedule
         masked_now = sum(int((m == 0).sum()) for m in self.masks().values())
-        cap = masked_now + self.schedule.channels_per_update
+        last = s.mask_until is not None and self.iteration + s.mask_interval > s.mask_until
+        cap = None if last else masked_now + s.channels_per_update
         new = self._select(self.group_scores(), cap)
         if new is None:
             return
         for c in self.compactors:
-            c.mask.copy_(torch.from_numpy(new[c.group][c.channel_index.numpy()]).float())
+            c.mask.copy_(torch.from_numpy(new[c.group][c.channel_index.cpu().numpy()]))
 
     def _select(
         self, scores: dict[int, np.ndarray], cap: int | None
@@ -251,7 +258,8 @@ class ResRep:
     def _unreachable_message(self) -> str:
         model = MacsModel(self.graph, self.layer_macs)
         for g in self.groups:
-            model.set_kept(g, rounded_width(1, self.graph.groups[g].channels, self.round_to))
+            n, tied = self.graph.groups[g].channels, is_tied(self.graph, g)
+            model.set_kept(g, rounded_width(1, n, self.round_to, tied=tied))
         return (
             f"flops_target={self.flops_target} is out of reach for ResRep: with one channel per "
             f"compactor group (rounded up to multiples of round_to={self.round_to}) "

@@ -158,12 +158,11 @@ def _nonzero_after(node: fx.Node, tensors, params) -> bool:
             all(flags) if all(carries) else any(f for f, c in zip(flags, carries, strict=True) if c)
         )
     if node.target in _DIV:
-        divisor = (
-            tensors[-1][0]
-            if len(tensors) == 2 or not isinstance(node.args[0], (int, float))
-            else None
-        )
-        return flags[0] or (len(tensors) == 2 and divisor is not None and divisor.carries)
+        # c / x, param / x, x / y and x / param: a zeroed divisor gives inf or nan.
+        if len(tensors) == 2:
+            return flags[0] or tensors[1][0].carries
+        numerator_is_tensor = len(tensors) == 1 and node.args[0] is not None and not params
+        return flags[0] if numerator_is_tensor and isinstance(node.args[1], (int, float)) else True
     # addition: a non-zero constant or a tensor without these channels shifts a zero channel
     return any(flags) or any(v != 0 for v in scalars) or (len(tensors) == 2 and not all(carries))
 
@@ -195,13 +194,18 @@ def _cat(b: Builder, node: fx.Node, m: object) -> TensorChannels:
     if not all(isinstance(v, TensorChannels) for v in values):
         raise ChannelError("cat of non-tensor values")
     if all(d not in v.dims for v in values):
+        # Joined along a spatial/batch dim: every input must hold the same channels.
         carried = [v for v in values if v.carries]
-        out = carried[0] if carried else TensorChannels.free()
-        for v in carried[1:]:
-            if v.dims != out.dims:
-                raise ChannelError("cat inputs carry channels on different dims")
+        if not carried:
+            opaque = any(v.opaque for v in values)
+            return TensorChannels.unknown() if opaque else TensorChannels.free()
+        out = carried[0]
+        for v in values[1:]:
+            if v.dims != out.dims or v.atoms.shape != out.atoms.shape:
+                raise ChannelError("cat joins a tensor whose channels differ from the others'")
             b.uf.union_arrays(out.atoms, v.atoms)
-        return out
+        flag = any(v.nonzero_when_zeroed for v in values)
+        return out.marked_nonzero(flag)
     parts = []
     for a, v in zip(inputs, values, strict=True):
         if v.dims == (d,):
@@ -272,7 +276,6 @@ def _getitem(b: Builder, node: fx.Node, m: object) -> object:
 # --- moving dims around ----------------------------------------------------------------------
 @register(
     nn.Flatten,
-    nn.Unflatten,
     torch.flatten,
     torch.reshape,
     torch.squeeze,
