@@ -76,7 +76,7 @@ def export_onnx(
     inputs = _as_tuple(example_inputs)
     work = copy.deepcopy(model).eval()
     with torch.no_grad():
-        n_outputs = len(_flatten_outputs(work(*inputs)))
+        n_outputs = len(flatten_outputs(work(*inputs)))
     if fp16:
         work = work.half()
         inputs = tuple(t.half() if t.is_floating_point() else t for t in inputs)
@@ -251,13 +251,14 @@ def _as_tuple(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[to
     return inputs
 
 
-def _flatten_outputs(out: object) -> list[torch.Tensor]:
+def flatten_outputs(out: object) -> list[torch.Tensor]:
+    """All tensors of a model output (tensor, nested tuples/lists, dicts), in order."""
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, (list, tuple)):
-        return [t for item in out for t in _flatten_outputs(item)]
+        return [t for item in out for t in flatten_outputs(item)]
     if isinstance(out, dict):
-        return [t for item in out.values() for t in _flatten_outputs(item)]
+        return [t for item in out.values() for t in flatten_outputs(item)]
     raise ExportError(f"model output of type {type(out).__name__} is not a tensor; cannot export")
 
 

@@ -16,6 +16,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from .onnx import flatten_outputs
 from .timing import LatencyStats, available_cpus, cpu_name, stats_from_times
 
 __all__ = ["OrtRunner", "latency", "parity"]
@@ -109,7 +110,7 @@ def parity(
     model.eval()
     try:
         with torch.no_grad():
-            expected = _flatten(model(*inputs))
+            expected = flatten_outputs(model(*inputs))
     finally:
         model.train(was_training)
     actual = OrtRunner(onnx_path).run(*inputs)
@@ -166,13 +167,3 @@ def _to_numpy(a: np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(a, torch.Tensor):
         return a.detach().cpu().numpy()
     return np.asarray(a)
-
-
-def _flatten(out: object) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (list, tuple)):
-        return [t for item in out for t in _flatten(item)]
-    if isinstance(out, dict):
-        return [t for item in out.values() for t in _flatten(item)]
-    raise TypeError(f"model output of type {type(out).__name__} is not a tensor")
