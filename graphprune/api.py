@@ -15,6 +15,7 @@ from torch import fx, nn
 from .analysis import build_channel_graph
 from .errors import PlanError
 from .macs import count_macs
+from .plan import check_flops_target
 from .report import CompressionReport, build_report
 from .tracing import example_inputs_of, trace
 
@@ -49,11 +50,7 @@ def compress(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if not isinstance(flops_target, (int, float)) or not 0.0 < flops_target < 1.0:
-        raise PlanError(
-            f"flops_target={flops_target!r}: must be in (0, 1), the fraction of dense MACs to "
-            "keep (0.5 keeps half)"
-        )
+    check_flops_target(flops_target)
     start = time.perf_counter()
     gm = trace(model, example_inputs, leaf_modules=leaf_modules)
     graph = build_channel_graph(gm, strict=strict)

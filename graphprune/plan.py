@@ -118,6 +118,15 @@ def round_plan(
     return out
 
 
+def check_flops_target(flops_target: object) -> None:
+    """Every entry point takes the target as remaining MACs / dense MACs, strictly in (0, 1)."""
+    if not isinstance(flops_target, (int, float)) or not 0.0 < flops_target < 1.0:
+        raise PlanError(
+            f"flops_target={flops_target!r}: must be in (0, 1), the fraction of dense MACs to "
+            "keep (0.5 keeps half)"
+        )
+
+
 def rounded_width(kept: int, total: int, round_to: int, *, tied: bool = False) -> int:
     """The width ``kept`` channels become: rounded up to a multiple of ``round_to``, capped at
     ``total``. Groups smaller than ``round_to`` and tied groups (one channel = a GroupNorm

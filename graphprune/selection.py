@@ -19,7 +19,7 @@ from torch import fx
 from .analysis import ChannelGraph
 from .errors import PlanError
 from .pipeline import get_tensor
-from .plan import is_tied, keep_every_member_alive, rounded_width
+from .plan import check_flops_target, is_tied, keep_every_member_alive, rounded_width
 
 
 def l2_scores(gm: fx.GraphModule, graph: ChannelGraph) -> dict[int, np.ndarray]:
@@ -99,10 +99,7 @@ def select_channels(
     Returns kept indices per group. Raises PlanError when even one channel per group stays
     above the target, naming the smallest reachable fraction.
     """
-    if not 0.0 < flops_target < 1.0:
-        raise PlanError(
-            f"flops_target={flops_target}: must be in (0, 1), the fraction of dense MACs to keep"
-        )
+    check_flops_target(flops_target)
     plan, reached = walk(graph, scores, layer_macs, flops_target, round_to=round_to)
     if not reached:
         model = MacsModel(graph, layer_macs)

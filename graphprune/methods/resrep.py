@@ -32,7 +32,7 @@ from graphprune.errors import PlanError
 from graphprune.macs import count_macs
 from graphprune.passes import cleanup, fold_compactors, fuse_bn, insert_compactors, prune_channels
 from graphprune.pipeline import PassContext, run_passes
-from graphprune.plan import is_tied, keep_every_member_alive, rounded_width
+from graphprune.plan import check_flops_target, is_tied, keep_every_member_alive, rounded_width
 from graphprune.selection import MacsModel, walk
 from graphprune.tracing import example_inputs_of
 
@@ -129,8 +129,7 @@ class ResRep:
         internal_only: bool = False,
         layer_macs: dict[str, int] | None = None,
     ) -> None:
-        if not 0.0 < flops_target < 1.0:
-            raise PlanError(f"flops_target={flops_target}: must be in (0, 1)")
+        check_flops_target(flops_target)
         self.flops_target, self.round_to = flops_target, round_to
         self.graph = build_channel_graph(gm)
         if layer_macs is None:
