@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import graphprune as gp
-from graphprune.train import evaluate, fit
+from graphprune.training.loop import evaluate, fit
 
 
 def machine() -> dict:

@@ -20,7 +20,7 @@ import torch
 from common import machine, save
 
 import graphprune as gp
-from graphprune.models import resnet50, resnet101, resnet152
+from graphprune.apps.models import resnet50, resnet101, resnet152
 
 MODELS = {"resnet50": resnet50, "resnet101": resnet101, "resnet152": resnet152}
 

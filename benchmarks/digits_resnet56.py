@@ -19,8 +19,8 @@ import torch
 from common import compare, machine, markdown, mean_rows, save, train_base
 from torch.utils.data import DataLoader, Subset
 
-from graphprune.data import load_digits_splits
-from graphprune.models import resnet56
+from graphprune.apps.data import load_digits_splits
+from graphprune.apps.models import resnet56
 
 
 def main() -> None:

@@ -18,8 +18,8 @@ import torch
 from common import compare, machine, markdown, save, train_base
 from torch.utils.data import DataLoader
 
-from graphprune.data import load_fashion_mnist
-from graphprune.models import cifar_resnet
+from graphprune.apps.data import load_fashion_mnist
+from graphprune.apps.models import cifar_resnet
 
 DEPTHS = {"resnet20": 20, "resnet56": 56}
 

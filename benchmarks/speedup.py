@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import torch
-from graphprune.backends.onnx import export_onnx
-from graphprune.backends.timing import available_cpus
 
 from graphprune import compress, count_macs
-from graphprune.models import get_model
+from graphprune.apps.models import get_model
+from graphprune.backends.onnx import export_onnx
+from graphprune.backends.timing import available_cpus
 
 OUT = Path(__file__).resolve().parent / "results" / "speedup.json"
 MIN_RUNS = 10  # a median of fewer runs moves with a single hiccup

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 import graphprune
-from graphprune.data import loaders_for
+from graphprune.apps.data import loaders_for
+from graphprune.apps.models import resnet20
 from graphprune.methods.resrep import ResRep
-from graphprune.models import resnet20
-from graphprune.train import evaluate
+from graphprune.training.loop import evaluate
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,8 +1,8 @@
 """graphprune: a graph-level structured-pruning compiler for PyTorch CNNs."""
 
-from .analysis import ChannelGroup, analyze, build_channel_graph
-from .api import CompressionResult, compress, export
-from .errors import (
+from graphprune.analysis import ChannelGroup, analyze, build_channel_graph
+from graphprune.api import CompressionResult, compress, export
+from graphprune.errors import (
     BackendUnavailableError,
     ExportError,
     GraphInvariantError,
@@ -12,8 +12,8 @@ from .errors import (
     TrainingError,
     UnsupportedOpError,
 )
-from .macs import MacsReport, count_macs
-from .tracing import trace
+from graphprune.frontend.trace import trace
+from graphprune.planning.macs import MacsReport, count_macs
 
 __all__ = [
     "CompressionResult",

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from .analysis import build_channel_graph
-from .errors import PlanError
-from .macs import count_macs
-from .plan import check_flops_target
-from .report import CompressionReport, build_report
-from .tracing import example_inputs_of, trace
+from graphprune.analysis import build_channel_graph
+from graphprune.errors import PlanError
+from graphprune.frontend.trace import example_inputs_of, trace
+from graphprune.planning.macs import count_macs
+from graphprune.planning.plan import check_flops_target
+from graphprune.report import CompressionReport, build_report
 
 METHODS = ("magnitude", "resrep")
 
@@ -60,7 +60,7 @@ def compress(
         reasons = "; ".join(sorted({r for g in groups for r in g.reasons}))
         raise PlanError(f"{type(model).__name__} has no prunable channel group ({reasons})")
     if method == "magnitude":
-        from .methods.magnitude import compress_magnitude
+        from graphprune.methods.magnitude import compress_magnitude
 
         if options:
             raise TypeError(f"magnitude takes no options {sorted(options)}")
@@ -73,7 +73,7 @@ def compress(
             verify=verify,
         )
     else:
-        from .methods.resrep import compress_resrep
+        from graphprune.methods.resrep import compress_resrep
 
         pruned, stats, extra = compress_resrep(
             gm,
@@ -109,6 +109,6 @@ def export(
     """Write a deployable artifact: ``backend="onnx"`` (cleaned with onnx-graphsurgeon) or
     ``"tensorrt"`` (an engine built from that ONNX; needs the tensorrt package and a GPU).
     See graphprune.backends.export; imported lazily so ``import graphprune`` stays light."""
-    from .backends import export as _export
+    from graphprune.backends import export as _export
 
     return _export(model, example_inputs, path, backend=backend, fp16=fp16, **options)

@@ -6,8 +6,8 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from .analysis import ChannelGroup
-from .macs import MacsReport
+from graphprune.analysis import ChannelGroup
+from graphprune.planning.macs import MacsReport
 
 
 @dataclass(frozen=True, slots=True)

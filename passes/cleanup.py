@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from graphprune.pipeline import PassContext, PassResult
+from graphprune.passes.runner import PassContext, PassResult
 
 
 def _mutates(node: fx.Node) -> bool:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from graphprune.compactor import Compactor
 from graphprune.errors import GraphInvariantError
-from graphprune.pipeline import PassContext, PassResult
+from graphprune.passes.compactor import Compactor
+from graphprune.passes.runner import PassContext, PassResult
 
 
 def fold_compactors(gm: fx.GraphModule, ctx: PassContext) -> PassResult:

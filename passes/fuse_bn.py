@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from graphprune.pipeline import PassContext, PassResult
+from graphprune.passes.runner import PassContext, PassResult
 
 
 def fuse_bn(gm: fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -7,9 +7,9 @@ import torch
 from torch import fx, nn
 
 from graphprune.analysis import ChannelGraph, build_channel_graph
-from graphprune.compactor import Compactor
-from graphprune.pipeline import PassContext, PassResult
-from graphprune.tracing import propagate_shapes
+from graphprune.frontend.trace import propagate_shapes
+from graphprune.passes.compactor import Compactor
+from graphprune.passes.runner import PassContext, PassResult
 
 
 def compactable_groups(gm: fx.GraphModule, graph: ChannelGraph, internal_only: bool = False):

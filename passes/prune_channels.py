@@ -9,13 +9,19 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from graphprune import meta
 from graphprune.analysis import ChannelGraph, build_channel_graph
-from graphprune.channels import TensorChannels
+from graphprune.analysis.atoms import TensorChannels
 from graphprune.errors import GraphInvariantError
-from graphprune.pipeline import PassContext, PassResult, get_tensor, set_tensor
-from graphprune.plan import check_nothing_emptied, dead_channel_plan, round_plan, validate_plan
-from graphprune.tracing import propagate_shapes
+from graphprune.frontend import meta
+from graphprune.frontend.params import get_tensor, set_tensor
+from graphprune.frontend.trace import propagate_shapes
+from graphprune.passes.runner import PassContext, PassResult
+from graphprune.planning.plan import (
+    check_nothing_emptied,
+    dead_channel_plan,
+    round_plan,
+    validate_plan,
+)
 
 
 def prune_channels(gm: fx.GraphModule, ctx: PassContext) -> PassResult:

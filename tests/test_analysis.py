@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from graphprune.passes import prune_channels
 from torch import fx, nn
 
 from graphprune import trace
 from graphprune.analysis import ChannelGraph, ChannelGroup, analyze, build_channel_graph
-from graphprune.channels import TensorChannels
+from graphprune.analysis.atoms import TensorChannels
 from graphprune.errors import TraceError, UnsupportedOpError
-from graphprune.pipeline import PassContext, verify
-from graphprune.testing import randomize_, zero_dropped_channels
-from graphprune.zoo import ZOO, ZOO_INPUT_SHAPE, ConvNeXt, UnknownOp
+from graphprune.passes import prune_channels
+from graphprune.passes.runner import PassContext, verify
+from graphprune.testing.exactness import randomize_, zero_dropped_channels
+from graphprune.testing.zoo import ZOO, ZOO_INPUT_SHAPE, ConvNeXt, UnknownOp
 
 X = (2, 3, 8, 8)
 

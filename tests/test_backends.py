@@ -13,13 +13,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import helper
+from torch import nn
+
 from graphprune.backends import BACKENDS, cleanup_onnx, export, export_onnx
 from graphprune.backends import tensorrt as trt_backend
 from graphprune.backends.ort import OrtRunner, latency, parity
 from graphprune.backends.torch import torch_latency
-from onnx import helper
-from torch import nn
-
 from graphprune.errors import BackendUnavailableError, ExportError
 
 INPUT = (3, 16, 16)

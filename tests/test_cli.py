@@ -28,8 +28,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from graphprune.bench import bench, format_bench
-from graphprune.cli import main
+from graphprune.apps.bench import bench, format_bench
+from graphprune.apps.cli import main
 from graphprune.io import load_model
 
 DENSE_MACS = 40_813_184
@@ -48,7 +48,7 @@ def _run(argv: list[str]) -> tuple[int, str, str]:
 def _console(*args: str) -> subprocess.CompletedProcess[str]:
     """The installed console script, falling back to ``python -m`` when it is not on disk."""
     script = Path(sys.executable).with_name("graphprune")
-    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "graphprune.cli"]
+    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "graphprune.apps.cli"]
     return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120)
 
 

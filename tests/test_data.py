@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from graphprune import data
+from graphprune.apps import data
 
 
 def _write_idx(path: Path, array: np.ndarray, type_code: int, compress: bool = False) -> Path:

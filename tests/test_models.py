@@ -7,8 +7,9 @@ import torch
 import torch.fx
 from torch import nn
 
-from graphprune import models, zoo
-from graphprune.models import BUILTIN_MODELS, get_model
+from graphprune.apps import models
+from graphprune.apps.models import BUILTIN_MODELS, get_model
+from graphprune.testing import zoo
 
 
 def _n_params(model: nn.Module) -> int:
@@ -117,7 +118,7 @@ def test_get_model_rejects_bare_module_factory() -> None:
 
 def test_get_model_bad_import_path() -> None:
     with pytest.raises(ValueError, match="cannot load"):
-        get_model("graphprune.zoo:no_such_factory")
+        get_model("graphprune.testing.zoo:no_such_factory")
     with pytest.raises(ValueError, match="cannot load"):
         get_model("no_such_package_xyz.mod:factory")
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-from graphprune.backends.ort import parity
 
 import graphprune as gp
-from graphprune.testing import randomize_
-from graphprune.zoo import ZOO, ZOO_INPUT_SHAPE
+from graphprune.backends.ort import parity
+from graphprune.testing.exactness import randomize_
+from graphprune.testing.zoo import ZOO, ZOO_INPUT_SHAPE
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))

@@ -6,15 +6,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from graphprune.passes import prune_channels
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from graphprune import trace
 from graphprune.analysis import build_channel_graph
-from graphprune.pipeline import PassContext, verify
-from graphprune.testing import random_plan, randomize_, zero_dropped_channels
+from graphprune.passes import prune_channels
+from graphprune.passes.runner import PassContext, verify
+from graphprune.testing.exactness import random_plan, randomize_, zero_dropped_channels
 
 SIZE = 8  # input is N x 3 x 8 x 8
 CLASSES = 5

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from graphprune.passes import prune_channels
 from torch import fx, nn
 
 from graphprune import trace
 from graphprune.analysis import ChannelGraph, analyze, build_channel_graph
 from graphprune.errors import GraphpruneError, PlanError
-from graphprune.pipeline import PassContext, verify
-from graphprune.testing import random_plan, randomize_, zero_dropped_channels
-from graphprune.zoo import ZOO, ZOO_INPUT_SHAPE
+from graphprune.passes import prune_channels
+from graphprune.passes.runner import PassContext, verify
+from graphprune.testing.exactness import random_plan, randomize_, zero_dropped_channels
+from graphprune.testing.zoo import ZOO, ZOO_INPUT_SHAPE
 
 NAMES = sorted(ZOO)
 BATCH = (2, *ZOO_INPUT_SHAPE[1:])

@@ -5,13 +5,13 @@ from __future__ import annotations
 import copy
 
 import torch
-from graphprune.passes import cleanup, fuse_bn, prune_channels
 from torch import nn
 
 import graphprune as gp
 from graphprune.methods.resrep import ResRepSchedule
-from graphprune.pipeline import PassContext
-from graphprune.testing import randomize_
+from graphprune.passes import cleanup, fuse_bn, prune_channels
+from graphprune.passes.runner import PassContext
+from graphprune.testing.exactness import randomize_
 
 X = torch.randn(2, 3, 8, 8)
 
@@ -150,8 +150,7 @@ def test_measuring_macs_keeps_each_submodules_mode() -> None:
 def test_fold_bias_follows_the_weight_dtype() -> None:
     """Folding a compactor into a bias-free conv builds the new bias like the weight."""
     from graphprune.passes import fold_compactors
-
-    from graphprune.compactor import Compactor
+    from graphprune.passes.compactor import Compactor
 
     class Net(nn.Module):
         def __init__(self) -> None:

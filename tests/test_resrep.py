@@ -15,21 +15,21 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from graphprune.passes import insert_compactors
 from torch import fx, nn
 from torch.utils.data import DataLoader, Subset
 
 import graphprune
 from graphprune import count_macs, trace
 from graphprune.analysis import ChannelGraph, build_channel_graph
-from graphprune.compactor import Compactor
-from graphprune.data import load_digits_splits
+from graphprune.apps.data import load_digits_splits
 from graphprune.errors import PlanError
 from graphprune.methods.resrep import RESREP_FINALIZE, ResRep, ResRepSchedule
-from graphprune.pipeline import PassContext, run_passes
-from graphprune.testing import randomize_
-from graphprune.train import evaluate, fit
-from graphprune.zoo import ZOO, ZOO_INPUT_SHAPE, ConvNeXt, ShuffleNet
+from graphprune.passes import insert_compactors
+from graphprune.passes.compactor import Compactor
+from graphprune.passes.runner import PassContext, run_passes
+from graphprune.testing.exactness import randomize_
+from graphprune.testing.zoo import ZOO, ZOO_INPUT_SHAPE, ConvNeXt, ShuffleNet
+from graphprune.training.loop import evaluate, fit
 
 NAMES = sorted(ZOO)
 DIGITS = (1, 1, 8, 8)

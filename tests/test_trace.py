@@ -7,15 +7,16 @@ import inspect
 import numpy as np
 import pytest
 import torch
-from graphprune.passes import prune_channels
 from torch import fx, nn
 
-from graphprune import meta, trace
+from graphprune import trace
 from graphprune.analysis import analyze, build_channel_graph
 from graphprune.errors import TraceError
-from graphprune.pipeline import PassContext
-from graphprune.testing import random_plan
-from graphprune.zoo import ZOO, ZOO_INPUT_SHAPE, Untraceable
+from graphprune.frontend import meta
+from graphprune.passes import prune_channels
+from graphprune.passes.runner import PassContext
+from graphprune.testing.exactness import random_plan
+from graphprune.testing.zoo import ZOO, ZOO_INPUT_SHAPE, Untraceable
 
 
 class Gate(nn.Module):

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from graphprune import io as gp_io
 from graphprune.errors import TrainingError
-from graphprune.train import CHECKPOINT, cosine_lr, evaluate, fit
+from graphprune.training.loop import CHECKPOINT, cosine_lr, evaluate, fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 from torch import fx
 
 from graphprune.analysis import ChannelGraph, build_channel_graph
-from graphprune.macs import count_macs
+from graphprune.frontend.trace import example_inputs_of
 from graphprune.passes import prune_channels
-from graphprune.pipeline import PassContext, run_passes
-from graphprune.selection import l2_scores, normalized, select_channels
-from graphprune.tracing import example_inputs_of
+from graphprune.passes.runner import PassContext, run_passes
+from graphprune.planning.macs import count_macs
+from graphprune.planning.selection import l2_scores, normalized, select_channels
 
 
 def plan_magnitude(

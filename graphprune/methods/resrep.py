@@ -27,14 +27,19 @@ import torch
 from torch import fx
 
 from graphprune.analysis import build_channel_graph
-from graphprune.compactor import Compactor
 from graphprune.errors import PlanError
-from graphprune.macs import count_macs
+from graphprune.frontend.trace import example_inputs_of
 from graphprune.passes import cleanup, fold_compactors, fuse_bn, insert_compactors, prune_channels
-from graphprune.pipeline import PassContext, run_passes
-from graphprune.plan import check_flops_target, is_tied, keep_every_member_alive, rounded_width
-from graphprune.selection import MacsModel, walk
-from graphprune.tracing import example_inputs_of
+from graphprune.passes.compactor import Compactor
+from graphprune.passes.runner import PassContext, run_passes
+from graphprune.planning.macs import count_macs
+from graphprune.planning.plan import (
+    check_flops_target,
+    is_tied,
+    keep_every_member_alive,
+    rounded_width,
+)
+from graphprune.planning.selection import MacsModel, walk
 
 RESREP_FINALIZE = [
     fuse_bn,  # the compactor must sit directly on a conv to be folded
@@ -319,7 +324,7 @@ def compress_resrep(
 ):
     """compress(method="resrep"): train with the hooks, then finalize. Returns
     (pruned model, prune stats, extra report fields)."""
-    from graphprune.train import evaluate, fit
+    from graphprune.training.loop import evaluate, fit
 
     iters = len(train_loader)
     if iters == 0:

@@ -13,8 +13,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .backends.timing import LatencyStats, available_cpus
-from .errors import BackendUnavailableError
+from graphprune.backends.timing import LatencyStats, available_cpus
+from graphprune.errors import BackendUnavailableError
 
 
 def bench(
@@ -65,7 +65,7 @@ def _check(spec: str) -> None:
     suffix = Path(spec).suffix
     if suffix in (".onnx", ".engine", ".pt", ".pth") and not Path(spec).is_file():
         raise FileNotFoundError(f"no such file: {spec}")
-    from .backends import tensorrt
+    from graphprune.backends import tensorrt
 
     if suffix == ".engine" and not tensorrt.available():
         raise BackendUnavailableError(
@@ -91,10 +91,10 @@ def _prepare(spec: str, onnx_path: Path, threads: int) -> dict[str, Any]:
     if suffix == ".onnx":
         return row
 
-    from .backends.onnx import export_onnx
-    from .io import load_model
-    from .macs import count_macs
-    from .models import get_model
+    from graphprune.apps.models import get_model
+    from graphprune.backends.onnx import export_onnx
+    from graphprune.io import load_model
+    from graphprune.planning.macs import count_macs
 
     model, inputs = load_model(spec) if suffix in (".pt", ".pth") else get_model(spec)
     macs = count_macs(model, inputs)
@@ -103,7 +103,7 @@ def _prepare(spec: str, onnx_path: Path, threads: int) -> dict[str, Any]:
 
 
 def _time(row: dict[str, Any], batch: int, *, runs: int, warmup: int) -> LatencyStats:
-    from .backends import ort, tensorrt
+    from graphprune.backends import ort, tensorrt
 
     path, opts = row["_artifact"], {"warmup": warmup, "runs": runs}
     if row["backend"] == "tensorrt":

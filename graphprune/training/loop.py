@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import TrainingError
-from .io import atomic_save
-from .modes import eval_mode
+from graphprune.errors import TrainingError
+from graphprune.frontend.modes import eval_mode
+from graphprune.io import atomic_save
 
 CHECKPOINT = "last.pt"
 

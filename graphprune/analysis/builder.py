@@ -1,23 +1,17 @@
-"""Dependency analysis: which channels of a traced model must be pruned together.
-
-``build_channel_graph`` walks the fx graph once in topological order, applying each op's
-channel rule (rules.py). The result, a ``ChannelGraph``, knows for every parameter axis and
-every tensor which channel atom sits at each index, and which atoms form one prunable class.
-``analyze`` returns its ``ChannelGroup`` values: pure, deterministic, cheap to recompute.
+"""The values analysis produces (sites, groups, the channel graph) and the Builder that the
+channel rules drive while walking the graph. A ``ChannelGraph`` knows for every parameter
+axis and every tensor which channel atom sits at each index, and which atoms form one class.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 
-import networkx as nx
 import numpy as np
 from torch import fx
 
-from . import meta
-from .channels import TensorChannels, UnionFind
-from .errors import TraceError, UnsupportedOpError
+from graphprune.analysis.atoms import TensorChannels, UnionFind
+from graphprune.errors import UnsupportedOpError
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +146,7 @@ class Builder:
         reason = f"{node.name} ({node.op} {_target_name(node)}): {why}"
         if self.strict:
             raise UnsupportedOpError(
-                f"{reason}. Register a channel rule for it (graphprune.rules.register) or "
+                f"{reason}. Register a channel rule for it (graphprune.analysis.rules.register) or "
                 "use strict=False to leave the channels it touches unpruned."
             )
         for arg in node.all_input_nodes:
@@ -171,88 +165,3 @@ def _tensor_values(value: object) -> list[TensorChannels]:
 def _target_name(node: fx.Node) -> str:
     t = node.target
     return t if isinstance(t, str) else getattr(t, "__name__", str(t))
-
-
-def build_channel_graph(gm: fx.GraphModule, *, strict: bool = False) -> ChannelGraph:
-    """Apply every node's channel rule and group the resulting atom classes."""
-    from .rules import apply_rule  # rules import Builder from here
-
-    b = Builder(gm, strict=strict)
-    for node in gm.graph.nodes:
-        b.values[node] = apply_rule(b, node)
-    return _group(b)
-
-
-def analyze(gm: fx.GraphModule, *, strict: bool = False) -> list[ChannelGroup]:
-    """The channel groups of a traced model (see ``graphprune.trace``)."""
-    if not any(meta.SHAPE in n.meta for n in gm.graph.nodes):
-        raise TraceError("analyze() needs a GraphModule from graphprune.trace() (with shapes)")
-    return build_channel_graph(gm, strict=strict).groups
-
-
-def _group(b: Builder) -> ChannelGraph:
-    """Groups are the connected components of the dependency graph whose nodes are the ops
-    that create channels (sources) and whose edges join two sources sharing a channel class.
-    """
-    roots = b.uf.roots()
-    source_of = np.asarray(b.source_of, dtype=np.int64)
-    classes, class_of_atom = np.unique(roots, return_inverse=True)
-    pairs = np.unique(np.stack([class_of_atom, source_of]), axis=1)  # sorted by class
-    same_class = pairs[0, 1:] == pairs[0, :-1]
-    deps = nx.Graph()
-    deps.add_nodes_from(range(len(b.sources)))
-    deps.add_edges_from(
-        zip(pairs[1, :-1][same_class].tolist(), pairs[1, 1:][same_class].tolist(), strict=True)
-    )
-    # Sources are numbered in graph order, so ordering by the first source is deterministic.
-    comps = sorted(min(c) for c in nx.connected_components(deps))
-    source_group = np.empty(len(b.sources), dtype=np.int64)
-    for comp in nx.connected_components(deps):
-        source_group[list(comp)] = comps.index(min(comp))
-    class_group = np.empty(len(classes), dtype=np.int64)
-    class_group[pairs[0]] = source_group[pairs[1]]
-    order = np.lexsort((np.arange(len(classes)), class_group))  # by group, then class age
-    starts = np.concatenate([[0], np.cumsum(np.bincount(class_group, minlength=len(comps)))])
-    class_pos = np.empty(len(classes), dtype=np.int64)
-    class_pos[order] = np.arange(len(classes)) - starts[class_group[order]]
-    atom_group, atom_pos = class_group[class_of_atom], class_pos[class_of_atom]
-    channels_of = np.bincount(class_group, minlength=len(comps))
-
-    members: dict[int, list[Member]] = {gid: [] for gid in range(len(comps))}
-    for s in b.sites:
-        for gid in sorted(set(atom_group[s.atoms.reshape(-1)].tolist())):
-            size = int(np.sum(atom_group[s.atoms] == gid))
-            members[gid].append(Member(f"{s.path}[{s.axis}]", s.role, size))
-
-    atoms_of = np.split(
-        np.argsort(atom_group, kind="stable"), np.cumsum(np.bincount(atom_group))[:-1]
-    )
-    blocked_by_group: dict[int, set[str]] = defaultdict(set)
-    for a, reason in b.blocked.items():
-        blocked_by_group[int(atom_group[a])].add(reason)
-    inexact_by_group: dict[int, set[str]] = defaultdict(set)
-    for a, reason in b.inexact.items():
-        inexact_by_group[int(atom_group[a])].add(reason)
-    groups = []
-    for gid in range(len(comps)):
-        kinds = {b.sources[s] for s in np.unique(source_of[atoms_of[gid]]).tolist()}
-        producers = tuple(sorted({name for name, kind in kinds if kind == "producer"}))
-        reasons = sorted(blocked_by_group[gid])
-        if not reasons and not any(kind in ("producer", "grouped") for _, kind in kinds):
-            reasons.append("no conv/linear produces these channels")
-        inexact = sorted(inexact_by_group[gid])
-        groups.append(
-            ChannelGroup(
-                id=gid,
-                channels=int(channels_of[gid]),
-                members=tuple(members[gid]),
-                producers=producers,
-                prunable=not reasons,
-                reasons=tuple(reasons),
-                exact=not inexact,
-                inexact_reasons=tuple(inexact),
-            )
-        )
-    return ChannelGraph(
-        groups, b.sites, b.values, b.mac_layers, atom_group, atom_pos, source_of, b.sources
-    )

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from graphprune import zoo
+from graphprune.testing import zoo
 
 ModelFactory = Callable[[], tuple[nn.Module, tuple[Tensor, ...]]]
 

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import torch
 
-from .api import compress
-from .backends import export
-from .backends.ort import latency, parity
-from .data import loaders_for
-from .errors import TrainingError
-from .io import atomic_save
-from .macs import count_macs
-from .models import resnet56
-from .train import evaluate, fit
+from graphprune.api import compress
+from graphprune.apps.data import loaders_for
+from graphprune.apps.models import resnet56
+from graphprune.backends import export
+from graphprune.backends.ort import latency, parity
+from graphprune.errors import TrainingError
+from graphprune.io import atomic_save
+from graphprune.planning.macs import count_macs
+from graphprune.training.loop import evaluate, fit
 
 BASE_LR, RESREP_LR, BATCH = 0.1, 0.05, 32
 

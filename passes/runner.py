@@ -10,12 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import torch
 from torch import fx, nn
 
-from . import meta
-from .errors import GraphInvariantError, PlanError
-from .tracing import example_inputs_of, propagate_shapes
+from graphprune.errors import GraphInvariantError, PlanError
+from graphprune.frontend import meta
+from graphprune.frontend.trace import example_inputs_of, propagate_shapes
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -93,31 +92,11 @@ def _check_module(name: str, m: nn.Module) -> None:
         raise GraphInvariantError(f"{name}: weight {tuple(m.weight.shape)} disagrees with features")
 
 
-def get_tensor(gm: nn.Module, path: str) -> torch.Tensor:
-    owner, _, attr = path.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, attr)
-
-
-def set_tensor(gm: nn.Module, path: str, value: torch.Tensor) -> None:
-    """Replace a parameter or buffer, keeping its kind and requires_grad."""
-    owner_path, _, attr = path.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    old = getattr(owner, attr)
-    if isinstance(old, nn.Parameter):
-        setattr(owner, attr, nn.Parameter(value.detach(), old.requires_grad))
-    else:
-        owner.register_buffer(
-            attr, value.detach().clone(), persistent=attr not in owner._non_persistent_buffers_set
-        )
-
-
 __all__ = [
     "Pass",
     "PassContext",
     "PassResult",
     "example_inputs_of",
-    "get_tensor",
     "run_passes",
-    "set_tensor",
     "verify",
 ]

@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 from torch import fx, nn
 
-from .. import meta
-from ..analysis import Builder
-from ..channels import ChannelError, TensorChannels
+from graphprune.analysis.atoms import ChannelError, TensorChannels
+from graphprune.analysis.builder import Builder
+from graphprune.frontend import meta
 
 Rule = Callable[[Builder, fx.Node, "nn.Module | None"], object]
 RULES: dict[object, Rule] = {}
@@ -112,4 +112,4 @@ def _placeholder(b: Builder, node: fx.Node) -> object:
 
 
 # The rule modules register themselves on import; they use the helpers above.
-from . import layers, tensor_ops  # noqa: E402,F401
+from graphprune.analysis.rules import layers, tensor_ops  # noqa: E402,F401

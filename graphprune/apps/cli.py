@@ -7,13 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import GraphpruneError
+from graphprune.errors import GraphpruneError
 
 
 def _load(spec: str):
     """A built-in name, ``package.module:factory``, or a file saved by ``compress --out``."""
-    from .io import load_model
-    from .models import get_model
+    from graphprune.apps.models import get_model
+    from graphprune.io import load_model
 
     if spec.endswith((".pt", ".pth")):
         return load_model(spec)
@@ -21,7 +21,7 @@ def _load(spec: str):
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from . import analyze, count_macs, trace
+    from graphprune import analyze, count_macs, trace
 
     model, inputs = _load(args.model)
     gm = trace(model, inputs)
@@ -64,7 +64,7 @@ def _check_accepts(model, sample, args: argparse.Namespace) -> None:
     """ResRep trains on --data: the model must take its images and give 10 class scores."""
     import torch
 
-    from .modes import eval_mode
+    from graphprune.frontend.modes import eval_mode
 
     try:
         with torch.no_grad(), eval_mode(model):
@@ -79,15 +79,15 @@ def _check_accepts(model, sample, args: argparse.Namespace) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from . import compress
-    from .io import check_writable, save_model
+    from graphprune import compress
+    from graphprune.io import check_writable, save_model
 
     if args.out:
         check_writable(args.out)  # before any training, not after
     options: dict[str, object] = {}
     if args.method == "resrep":
-        from .data import loaders_for
-        from .models import cifar_resnet
+        from graphprune.apps.data import loaders_for
+        from graphprune.apps.models import cifar_resnet
 
         train, val = loaders_for(args.data, batch_size=args.batch_size)
         sample = next(iter(val))[0][:1]
@@ -119,7 +119,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .backends import export
+    from graphprune.backends import export
 
     model, inputs = _load(args.model)
     path = export(model, inputs, args.out, backend=args.backend, fp16=args.fp16)
@@ -128,7 +128,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import bench, format_bench
+    from graphprune.apps.bench import bench, format_bench
 
     rows = bench(args.models, batch_sizes=args.batch_sizes, runs=args.runs, threads=args.threads)
     print(json.dumps(rows, indent=2) if args.json else format_bench(rows))
@@ -136,7 +136,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from graphprune.apps.demo import run_demo
 
     run_demo(
         flops_target=args.flops_target,

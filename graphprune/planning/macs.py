@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .modes import eval_mode
+from graphprune.frontend.modes import eval_mode
 
 # Convolutions and the matrix products nn.Linear lowers to; activation-activation products
 # (bmm of attention) are not counted, as in the papers' convention.
@@ -36,7 +36,7 @@ def count_params(model: nn.Module) -> int:
 @torch.no_grad()
 def count_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> MacsReport:
     """Run one forward pass under FlopCounterMode and return MACs of conv and linear layers."""
-    from .tracing import on_meta
+    from graphprune.frontend.trace import on_meta
 
     with eval_mode(model), FlopCounterMode(display=False) as counter:
         try:

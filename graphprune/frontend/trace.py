@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from . import meta
-from .compactor import Compactor
-from .errors import TraceError
-from .modes import eval_mode
+from graphprune.errors import TraceError
+from graphprune.frontend import meta
+from graphprune.frontend.modes import eval_mode
 
 EXAMPLE_INPUTS = "graphprune.example_inputs"
 
@@ -27,14 +26,17 @@ _TORCH_DIR = str(Path(torch.__file__).parent)
 
 
 class _LeafTracer(fx.Tracer):
-    """fx's default leaves (torch.nn modules) plus the user's own leaf module types."""
+    """fx's default leaves (torch.nn modules), modules graphprune inserts (they set
+    ``graphprune_leaf = True``) and the user's own leaf module types."""
 
     def __init__(self, leaf_types: tuple[type[nn.Module], ...] = ()) -> None:
         super().__init__()
         self.leaf_types = leaf_types
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, Compactor) or (self.leaf_types and isinstance(m, self.leaf_types)):
+        if getattr(m, "graphprune_leaf", False) or (
+            self.leaf_types and isinstance(m, self.leaf_types)
+        ):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

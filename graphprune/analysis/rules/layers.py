@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 from torch import fx, nn
 
-from ..analysis import Builder, MacLayer
-from ..channels import ChannelError, TensorChannels
-from . import _shape, _tc, register
+from graphprune.analysis.atoms import ChannelError, TensorChannels
+from graphprune.analysis.builder import Builder, MacLayer
+from graphprune.analysis.rules import _shape, _tc, register
 
 
 # --- layers that create channels --------------------------------------------------------------

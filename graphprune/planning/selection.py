@@ -16,10 +16,15 @@ import numpy as np
 import torch
 from torch import fx
 
-from .analysis import ChannelGraph
-from .errors import PlanError
-from .pipeline import get_tensor
-from .plan import check_flops_target, is_tied, keep_every_member_alive, rounded_width
+from graphprune.analysis import ChannelGraph
+from graphprune.errors import PlanError
+from graphprune.frontend.params import get_tensor
+from graphprune.planning.plan import (
+    check_flops_target,
+    is_tied,
+    keep_every_member_alive,
+    rounded_width,
+)
 
 
 def l2_scores(gm: fx.GraphModule, graph: ChannelGraph) -> dict[int, np.ndarray]:

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .. import meta
-from ..analysis import Builder
-from ..channels import ChannelError, TensorChannels
-from . import ParamValue, _arg, _dim, _shape, _tc, register
+from graphprune.analysis.atoms import ChannelError, TensorChannels
+from graphprune.analysis.builder import Builder
+from graphprune.analysis.rules import ParamValue, _arg, _dim, _shape, _tc, register
+from graphprune.frontend import meta
 
 # --- ops that pass channels through unchanged ---------------------------------------------
 # Elementwise ops with f(0) = 0: a zeroed channel stays zero.

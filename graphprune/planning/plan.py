@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch import fx
 
-from .analysis import ChannelGraph
-from .errors import PlanError
-from .pipeline import get_tensor
+from graphprune.analysis import ChannelGraph
+from graphprune.errors import PlanError
+from graphprune.frontend.params import get_tensor
 
 Plan = dict[int, np.ndarray]
 

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from .analysis import ChannelGraph
-from .pipeline import get_tensor
+from graphprune.analysis import ChannelGraph
+from graphprune.frontend.params import get_tensor
 
 
 def random_plan(

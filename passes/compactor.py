@@ -12,6 +12,8 @@ from torch import nn
 
 
 class Compactor(nn.Conv2d):
+    graphprune_leaf = True  # trace() keeps it as one call_module node
+
     def __init__(self, channels: int, group: int = -1, channel_index: torch.Tensor | None = None):
         super().__init__(channels, channels, kernel_size=1, bias=False)
         with torch.no_grad():

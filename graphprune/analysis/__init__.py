@@ -1,0 +1,14 @@
+"""Dependency analysis: channel atoms, the per-op rules, and the groups of coupled channels."""
+
+from graphprune.analysis.builder import ChannelGraph, ChannelGroup, MacLayer, Member, Site
+from graphprune.analysis.graph import analyze, build_channel_graph
+
+__all__ = [
+    "ChannelGraph",
+    "ChannelGroup",
+    "MacLayer",
+    "Member",
+    "Site",
+    "analyze",
+    "build_channel_graph",
+]

@@ -1,0 +1,1 @@
+"""MACs counting and the MACs model, scores to plans, rounding, plan validation."""

@@ -1,0 +1,1 @@
+"""Helpers the tests share: the model zoo and exactness checks."""

@@ -1,0 +1,1 @@
+"""The built-in training loop that drives a method's hooks, with checkpoints."""
