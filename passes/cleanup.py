@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from graphprune.passes.runner import PassContext, PassResult
+from graphprune.passes.runner import PassResult, graph_pass
 
 
 def _mutates(node: fx.Node) -> bool:
@@ -26,7 +26,8 @@ def _mutates(node: fx.Node) -> bool:
     )
 
 
-def cleanup(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+@graph_pass(preserves_outputs=True)
+def cleanup(gm: fx.GraphModule) -> PassResult:
     """Remove nodes whose results are unused and modules no node calls.
 
     Requires: nothing. Effects: same outputs, fewer nodes/submodules.
@@ -35,6 +36,5 @@ def cleanup(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     before_modules = len(list(gm.modules()))
     changed = gm.graph.eliminate_dead_code(is_impure_node=_mutates)
     gm.delete_all_unused_submodules()
-    gm.recompile()
     removed = (before_nodes - len(gm.graph.nodes), before_modules - len(list(gm.modules())))
     return PassResult(gm, changed or removed[1] > 0, {"nodes": removed[0], "modules": removed[1]})

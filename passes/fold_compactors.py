@@ -5,21 +5,14 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from graphprune.errors import GraphInvariantError
 from graphprune.passes.compactor import Compactor
-from graphprune.passes.runner import PassContext, PassResult
+from graphprune.passes.runner import PassResult, graph_pass
 
 
-def fold_compactors(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Merge every compactor into the conv that feeds it; near-zero rows become exact zeros.
-
-    Requires: fuse_bn has run, so each compactor's input is a dense conv used only by it.
-    Effects:  conv(K, b) -> compactor(Q)  becomes  conv(Q·K, Q·b). Rows of Q with L2 norm below
-    ``ctx.fold_threshold`` give all-zero output channels (never every row of one compactor),
-    which prune_channels then removes.
-    """
-    folded, zeroed = 0, 0
-    for node in list(gm.graph.nodes):
+def compactors_follow_dense_convs(gm: fx.GraphModule) -> str | None:
+    """Requirement: each compactor's input is a dense, non-transposed conv used only by it
+    (fuse_bn has moved any BatchNorm in between into the conv)."""
+    for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), Compactor):
             continue
         src = node.args[0]
@@ -30,17 +23,32 @@ def fold_compactors(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             or conv.groups != 1
             or len(src.users) != 1
         ):
-            raise GraphInvariantError(
+            return (
                 f"{node.name}: a compactor must directly follow a dense conv used only by it "
                 f"(found {src.op} {src.target}); run fuse_bn first"
             )
-        zeroed += _fold(conv, gm.get_submodule(node.target), ctx.fold_threshold)
+    return None
+
+
+@graph_pass(requires=(compactors_follow_dense_convs,), preserves_outputs=True)
+def fold_compactors(gm: fx.GraphModule, *, threshold: float = 1e-5) -> PassResult:
+    """Merge every compactor into the conv that feeds it; near-zero rows become exact zeros.
+
+    Before: conv(K, b) -> compactor(Q)      After: conv(Q·K, Q·b); compactors disappear.
+    Rows of Q with L2 norm below ``threshold`` give all-zero output channels (never every row
+    of one compactor), which prune_channels then removes; outputs change only by those rows.
+    """
+    folded, zeroed = 0, 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), Compactor):
+            continue
+        src = node.args[0]
+        zeroed += _fold(gm.get_submodule(src.target), gm.get_submodule(node.target), threshold)
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)
         folded += 1
     if folded:
         gm.delete_all_unused_submodules()
-        gm.recompile()
     return PassResult(gm, folded > 0, {"folded": folded, "zeroed_rows": zeroed})
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from graphprune.passes.runner import PassContext, PassResult
+from graphprune.passes.runner import PassResult, graph_pass
 
 
-def fuse_bn(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+@graph_pass(preserves_outputs=True)
+def fuse_bn(gm: fx.GraphModule) -> PassResult:
     """Merge each BatchNorm that directly follows a convolution into that convolution.
 
     Requires: the conv is called once and its output is used by the BatchNorm only (else the
@@ -36,9 +37,7 @@ def fuse_bn(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         gm.graph.erase_node(node)
         fused += 1
     if fused:
-        gm.graph.lint()
         gm.delete_all_unused_submodules()
-        gm.recompile()
     return PassResult(gm, fused > 0, {"fused": fused})
 
 

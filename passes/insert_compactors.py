@@ -7,9 +7,8 @@ import torch
 from torch import fx, nn
 
 from graphprune.analysis import ChannelGraph, build_channel_graph
-from graphprune.frontend.trace import propagate_shapes
 from graphprune.passes.compactor import Compactor
-from graphprune.passes.runner import PassContext, PassResult
+from graphprune.passes.runner import PassResult, graph_pass, shapes_recorded
 
 
 def compactable_groups(gm: fx.GraphModule, graph: ChannelGraph, internal_only: bool = False):
@@ -72,17 +71,18 @@ def _foreign_out_members(gm, graph: ChannelGraph, gid: int, producers: set[str],
     return False
 
 
-def insert_compactors(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+@graph_pass(requires=(shapes_recorded,), preserves_outputs=True)
+def insert_compactors(gm: fx.GraphModule, *, internal_only: bool = False) -> PassResult:
     """Insert an identity 1x1 compactor after the norm (before the activation) of each producer.
 
-    Requires: gm from graphprune.trace. Effects: conv -> BN -> act becomes
-    conv -> BN -> compactor(I) -> act; outputs are unchanged. A residual-coupled group gets one
-    compactor per producer; their ``channel_index`` buffers map rows to the group's channels
-    so one shared mask can be applied.
+    Before: conv -> BN -> act      After: conv -> BN -> compactor(I) -> act; outputs unchanged.
+    ``internal_only`` keeps the paper's choice of single-producer groups. A residual-coupled
+    group gets one compactor per producer; their ``channel_index`` buffers map rows to the
+    group's channels so one shared mask can be applied.
     """
     graph = build_channel_graph(gm)
     inserted = 0
-    for gid, producers in compactable_groups(gm, graph, ctx.internal_only):
+    for gid, producers in compactable_groups(gm, graph, internal_only):
         for node, positions in producers:
             after = node
             users = list(node.users)
@@ -100,7 +100,4 @@ def insert_compactors(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 new = gm.graph.call_module(name, (after,))
             after.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
             inserted += 1
-    if inserted:
-        gm.recompile()
-        propagate_shapes(gm)
     return PassResult(gm, inserted > 0, {"compactors": inserted})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -14,8 +15,7 @@ from graphprune.analysis.atoms import TensorChannels
 from graphprune.errors import GraphInvariantError
 from graphprune.frontend import meta
 from graphprune.frontend.params import get_tensor, set_tensor
-from graphprune.frontend.trace import propagate_shapes
-from graphprune.passes.runner import PassContext, PassResult
+from graphprune.passes.runner import PassResult, graph_pass, shapes_recorded
 from graphprune.planning.plan import (
     check_nothing_emptied,
     dead_channel_plan,
@@ -24,17 +24,30 @@ from graphprune.planning.plan import (
 )
 
 
-def prune_channels(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Remove the channels ``ctx.plan`` drops from every member of their groups.
+def _removes_only_zero_channels(options: Mapping[str, object]) -> bool:
+    return options.get("plan") is None
 
-    Requires: ``gm`` from graphprune.trace (shapes recorded); ``ctx.plan`` maps group id ->
-    kept channel indices (``analyze(gm)`` numbering); ``ctx.round_to`` rounds widths up.
-    Effects:  W[..., c, ...] for dropped c disappears along every channel axis; module
-    attributes, split sizes, slice bounds and reshape constants follow; shapes are re-recorded.
+
+@graph_pass(requires=(shapes_recorded,), preserves_outputs=_removes_only_zero_channels)
+def prune_channels(
+    gm: fx.GraphModule,
+    *,
+    plan: Mapping[int, Sequence[int]] | None = None,
+    round_to: int = 8,
+    scores: Mapping[int, Sequence[float]] | None = None,
+) -> PassResult:
+    """Remove the channels ``plan`` drops from every member of their groups.
+
+    ``plan`` maps group id -> kept channel indices (``analyze(gm)`` numbering); None removes
+    exactly the channels whose producer-side entries are all zero (outputs unchanged).
+    Kept widths are rounded up to a multiple of ``round_to``, adding back the channels with
+    the highest ``scores`` (group id -> score per channel), else the lowest indices.
+    Before: W[..., c, ...] for every channel c.   After: dropped c gone along every channel
+    axis; module attributes, split sizes, slice bounds and reshape constants follow.
     """
     graph = build_channel_graph(gm)
-    plan = validate_plan(graph, ctx.plan) if ctx.plan is not None else dead_channel_plan(gm, graph)
-    plan = round_plan(graph, plan, ctx.round_to, ctx.scores)
+    plan = validate_plan(graph, plan) if plan is not None else dead_channel_plan(gm, graph)
+    plan = round_plan(graph, plan, round_to, scores)
     removed = graph.removed_mask(plan)
     check_nothing_emptied(graph, removed)
     if not removed.any():
@@ -43,8 +56,6 @@ def prune_channels(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     _slice_tensors(gm, graph, removed)
     _sync_modules(gm, graph, removed)
     _rewrite_args(gm, graph, removed, old_shapes)
-    gm.recompile()
-    propagate_shapes(gm)
     widths = {gid: len(keep) for gid, keep in plan.items()}
     return PassResult(gm, True, {"removed_channels": int(removed.sum()), "widths": widths})
 

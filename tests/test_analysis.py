@@ -21,7 +21,7 @@ from graphprune.analysis import ChannelGraph, ChannelGroup, analyze, build_chann
 from graphprune.analysis.atoms import TensorChannels
 from graphprune.errors import TraceError, UnsupportedOpError
 from graphprune.passes import prune_channels
-from graphprune.passes.runner import PassContext, verify
+from graphprune.passes.runner import verify
 from graphprune.testing.exactness import randomize_, zero_dropped_channels
 from graphprune.testing.zoo import ZOO, ZOO_INPUT_SHAPE, ConvNeXt, UnknownOp
 
@@ -98,7 +98,7 @@ def _assert_zeroed_prune_is_exact(gm: fx.GraphModule, plan: dict[int, list[int]]
     x = torch.randn(X)
     with torch.no_grad():
         before = gm(x)
-        result = prune_channels(gm, PassContext(plan=plan, round_to=1))
+        result = prune_channels(gm, plan=plan, round_to=1)
         verify(gm)
         after = gm(x)
     assert result.modified

@@ -13,7 +13,7 @@ from torch import nn
 from graphprune import trace
 from graphprune.analysis import build_channel_graph
 from graphprune.passes import prune_channels
-from graphprune.passes.runner import PassContext, verify
+from graphprune.passes.runner import verify
 from graphprune.testing.exactness import random_plan, randomize_, zero_dropped_channels
 
 SIZE = 8  # input is N x 3 x 8 x 8
@@ -109,7 +109,7 @@ def test_random_pruning_of_random_cnns_is_valid_and_exact(recipe, seed: int, fra
     zero_dropped_channels(gm, graph, plan)
     with torch.no_grad():
         before = gm(x)
-        result = prune_channels(gm, PassContext(plan=plan, round_to=1))
+        result = prune_channels(gm, plan=plan, round_to=1)
         verify(gm)
         after = gm(x)
     dropped = sum(graph.groups[g].channels - len(k) for g, k in plan.items())

@@ -15,7 +15,7 @@ from graphprune import trace
 from graphprune.analysis import ChannelGraph, analyze, build_channel_graph
 from graphprune.errors import GraphpruneError, PlanError
 from graphprune.passes import prune_channels
-from graphprune.passes.runner import PassContext, verify
+from graphprune.passes.runner import verify
 from graphprune.testing.exactness import random_plan, randomize_, zero_dropped_channels
 from graphprune.testing.zoo import ZOO, ZOO_INPUT_SHAPE
 
@@ -76,7 +76,7 @@ def test_random_plan_gives_expected_shapes_values_and_param_count(name: str) -> 
     want_params = sum(math.prod(t.shape) for n, t in want.items() if n in param_names)
     dense_params = sum(p.numel() for p in gm.parameters())
 
-    result = prune_channels(gm, PassContext(plan=plan, round_to=1))
+    result = prune_channels(gm, plan=plan, round_to=1)
     assert result.modified and result.gm is gm
     verify(gm)
     _assert_state_equal(_state(gm), want)
@@ -101,10 +101,10 @@ def test_pruning_zeroed_channels_leaves_outputs_unchanged(name: str) -> None:
     zero_dropped_channels(gm, graph, plan)
     with torch.no_grad():
         zeroed = gm(x)
-        prune_channels(gm, PassContext(plan=plan, round_to=1))
+        prune_channels(gm, plan=plan, round_to=1)
         pruned = gm(x)
         # Not vacuous: the same channels pruned without zeroing do change the output.
-        prune_channels(untouched, PassContext(plan=plan, round_to=1))
+        prune_channels(untouched, plan=plan, round_to=1)
         assert not torch.allclose(untouched(x), model(x), atol=1e-4)
     torch.testing.assert_close(pruned, zeroed, atol=1e-5, rtol=1e-5)
     _assert_state_equal(before, _state(model))
@@ -114,13 +114,13 @@ def test_pruning_zeroed_channels_leaves_outputs_unchanged(name: str) -> None:
 def test_pruned_state_dict_round_trips(name: str, tmp_path) -> None:
     model, gm, graph, x = _zoo(name)
     plan = _plan(graph)
-    prune_channels(gm, PassContext(plan=plan, round_to=1))
+    prune_channels(gm, plan=plan, round_to=1)
     torch.save(gm.state_dict(), tmp_path / "pruned.pt")
 
     # A fresh trace pruned with the same plan has the same architecture; scramble its weights
     # so that only loading can make it agree.
     fresh = trace(model, (torch.randn(ZOO_INPUT_SHAPE),))
-    prune_channels(fresh, PassContext(plan=plan, round_to=1))
+    prune_channels(fresh, plan=plan, round_to=1)
     with torch.no_grad():
         for p in fresh.parameters():
             p.normal_()
@@ -138,8 +138,8 @@ def test_empty_or_full_plan_is_a_no_op(name: str) -> None:
     with torch.no_grad():
         y = gm(x)
     full = {g.id: list(range(g.channels)) for g in graph.groups}
-    for ctx in (PassContext(plan={}, round_to=1), PassContext(), PassContext(plan=full)):
-        result = prune_channels(gm, ctx)
+    for options in ({"plan": {}, "round_to": 1}, {}, {"plan": full}):
+        result = prune_channels(gm, **options)
         assert result.modified is False and result.gm is gm
     _assert_state_equal(before, _state(gm))
     with torch.no_grad():
@@ -168,7 +168,7 @@ def test_round_to_8_rounds_kept_widths_up(name: str) -> None:
         back = [c for c in range(n) if c not in keep][: want - len(keep)]
         rounded[gid] = sorted([*keep, *back])
     expected = expected_state(gm, graph, rounded)
-    prune_channels(gm, PassContext(plan=plan, round_to=8))
+    prune_channels(gm, plan=plan, round_to=8)
     for gid, keep in rounded.items():
         width = len(keep)
         assert width % 8 == 0 or width == graph.groups[gid].channels
@@ -243,7 +243,7 @@ def test_bad_plans_raise_plan_error_and_leave_the_model_alone(split_net, label: 
     plan, pattern = _bad_plan(label, graph, gid, pos)
     before = _state(gm)
     with pytest.raises(PlanError, match=pattern) as info:
-        prune_channels(gm, PassContext(plan=plan, round_to=1))
+        prune_channels(gm, plan=plan, round_to=1)
     assert isinstance(info.value, ValueError) and isinstance(info.value, GraphpruneError)
     _assert_state_equal(before, _state(gm))
 
@@ -256,7 +256,7 @@ def test_dropping_the_half_nobody_else_reads_is_allowed(split_net) -> None:
     zero_dropped_channels(gm, graph, plan)
     with torch.no_grad():
         y = gm(x)
-        prune_channels(gm, PassContext(plan=plan, round_to=1))
+        prune_channels(gm, plan=plan, round_to=1)
         torch.testing.assert_close(gm(x), y, atol=1e-5, rtol=1e-5)
     assert gm.get_submodule("c1").out_channels == 4
     assert gm.get_submodule("c3").in_channels == 4
@@ -324,7 +324,7 @@ def test_zeroing_a_non_zero_preserving_chain_really_changes_the_output() -> None
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         y = gm(x)
-        prune_channels(gm, PassContext(plan=plan, round_to=1))
+        prune_channels(gm, plan=plan, round_to=1)
         assert (gm(x) - y).abs().max() > 1e-3
 
 
@@ -339,5 +339,5 @@ def _check_exact_groups_prune_exactly(model: nn.Module) -> None:
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         y = gm(x)
-        prune_channels(gm, PassContext(plan=plan, round_to=1))
+        prune_channels(gm, plan=plan, round_to=1)
         torch.testing.assert_close(gm(x), y, atol=1e-5, rtol=1e-5)

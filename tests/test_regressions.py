@@ -10,7 +10,6 @@ from torch import nn
 import graphprune as gp
 from graphprune.methods.resrep import ResRepSchedule
 from graphprune.passes import cleanup, fuse_bn, prune_channels
-from graphprune.passes.runner import PassContext
 from graphprune.testing.exactness import randomize_
 
 X = torch.randn(2, 3, 8, 8)
@@ -34,7 +33,7 @@ class SharedConv(nn.Module):
 def test_fuse_bn_leaves_a_shared_conv_alone() -> None:
     model = randomize_(SharedConv()).eval()
     gm = gp.trace(model, X)
-    fuse_bn(gm, PassContext())
+    fuse_bn(gm)
     with torch.no_grad():
         torch.testing.assert_close(gm(X), model(X))
 
@@ -53,7 +52,7 @@ class InPlace(nn.Module):
 def test_cleanup_keeps_in_place_ops_whose_result_is_unused() -> None:
     model = InPlace().eval()
     gm = gp.trace(model, X)
-    cleanup(gm, PassContext())
+    cleanup(gm)
     with torch.no_grad():
         torch.testing.assert_close(gm(X), model(X))
 
@@ -76,7 +75,7 @@ def test_dead_channel_pruning_leaves_inexact_groups_whole() -> None:
     with torch.no_grad():
         model.a.weight[0] = 0.0
     gm = gp.trace(model, X)
-    result = prune_channels(gm, PassContext(round_to=1))
+    result = prune_channels(gm, round_to=1)
     assert not result.modified
     with torch.no_grad():
         torch.testing.assert_close(gm(X), model(X))
@@ -163,7 +162,7 @@ def test_fold_bias_follows_the_weight_dtype() -> None:
 
     model = Net().eval()
     gm = gp.trace(copy.deepcopy(model), X.double())
-    fold_compactors(gm, PassContext())
+    fold_compactors(gm)
     assert gm.c.bias.dtype == torch.float64
     with torch.no_grad():
         torch.testing.assert_close(gm(X.double()), model(X.double()))

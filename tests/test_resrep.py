@@ -23,10 +23,10 @@ from graphprune import count_macs, trace
 from graphprune.analysis import ChannelGraph, build_channel_graph
 from graphprune.apps.data import load_digits_splits
 from graphprune.errors import PlanError
-from graphprune.methods.resrep import RESREP_FINALIZE, ResRep, ResRepSchedule
+from graphprune.methods.resrep import ResRep, ResRepSchedule, resrep_finalize
 from graphprune.passes import insert_compactors
 from graphprune.passes.compactor import Compactor
-from graphprune.passes.runner import PassContext, run_passes
+from graphprune.passes.runner import run_passes
 from graphprune.testing.exactness import randomize_
 from graphprune.testing.zoo import ZOO, ZOO_INPUT_SHAPE, ConvNeXt, ShuffleNet
 from graphprune.training.loop import evaluate, fit
@@ -116,7 +116,7 @@ def _finalize_zoo(name: str):
     bns = bn_after_conv(gm)
     with torch.no_grad():
         dense = model(x)
-        insert_compactors(gm, PassContext())
+        insert_compactors(gm)
         gm.eval()
         identity = gm(x)
         comps = compactor_nodes(gm)
@@ -141,7 +141,7 @@ def _finalize_zoo(name: str):
             conv = cname.removesuffix("_compactor")
             expected[conv] = (gm.get_submodule(conv).out_channels, int(rows.sum()))
         zeroed = gm(x)
-        pruned = run_passes(gm, RESREP_FINALIZE, PassContext(round_to=1, verify=True)).gm
+        pruned = run_passes(gm, resrep_finalize(round_to=1), verify=True).gm
         final = pruned(x)
     return (dense, identity, zeroed, final), pruned, expected, bns
 

@@ -14,7 +14,6 @@ from graphprune.analysis import analyze, build_channel_graph
 from graphprune.errors import TraceError
 from graphprune.frontend import meta
 from graphprune.passes import prune_channels
-from graphprune.passes.runner import PassContext
 from graphprune.testing.exactness import random_plan
 from graphprune.testing.zoo import ZOO, ZOO_INPUT_SHAPE, Untraceable
 
@@ -100,7 +99,7 @@ def test_trace_does_not_mutate_the_model_even_after_pruning_the_copy() -> None:
     graph = build_channel_graph(gm)
     plan = random_plan(graph, np.random.default_rng(0))
     assert plan
-    result = prune_channels(gm, PassContext(plan=plan, round_to=1))
+    result = prune_channels(gm, plan=plan, round_to=1)
     assert result.modified
     assert sum(p.numel() for p in gm.parameters()) < sum(p.numel() for p in model.parameters())
     _assert_same_state(before, _state(model))

@@ -7,12 +7,14 @@ lowest first, until the remaining MACs reach the target. No training.
 
 from __future__ import annotations
 
+from functools import partial
+
 from torch import fx
 
 from graphprune.analysis import ChannelGraph, build_channel_graph
 from graphprune.frontend.trace import example_inputs_of
 from graphprune.passes import prune_channels
-from graphprune.passes.runner import PassContext, run_passes
+from graphprune.passes.runner import run_passes
 from graphprune.planning.macs import count_macs
 from graphprune.planning.selection import l2_scores, normalized, select_channels
 
@@ -44,6 +46,6 @@ def compress_magnitude(
     verify: bool = False,
 ):
     plan, scores = plan_magnitude(gm, flops_target, round_to, layer_macs, graph)
-    ctx = PassContext(plan=plan, scores=scores, round_to=round_to, verify=verify)
-    result = run_passes(gm, [prune_channels], ctx)
+    prune = partial(prune_channels, plan=plan, scores=scores, round_to=round_to)
+    result = run_passes(gm, [prune], verify=verify)
     return result.gm, result.stats["prune_channels"], {}

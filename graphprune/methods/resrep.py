@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from graphprune.errors import PlanError
 from graphprune.frontend.trace import example_inputs_of
 from graphprune.passes import cleanup, fold_compactors, fuse_bn, insert_compactors, prune_channels
 from graphprune.passes.compactor import Compactor
-from graphprune.passes.runner import PassContext, run_passes
+from graphprune.passes.runner import run_passes
 from graphprune.planning.macs import count_macs
 from graphprune.planning.plan import (
     check_flops_target,
@@ -41,12 +42,17 @@ from graphprune.planning.plan import (
 )
 from graphprune.planning.selection import MacsModel, walk
 
-RESREP_FINALIZE = [
-    fuse_bn,  # the compactor must sit directly on a conv to be folded
-    fold_compactors,  # Q·K, Q·b; rows below the threshold become all-zero output channels
-    prune_channels,  # with no plan: removes exactly the all-zero channels, in every member
-    cleanup,  # drops dead submodules and nodes
-]
+
+def resrep_finalize(*, round_to: int = 8, fold_threshold: float = 1e-5) -> list:
+    """The passes that turn a trained ResRep model into the pruned one."""
+    return [
+        fuse_bn,  # the compactor must sit directly on a conv to be folded
+        # Q·K, Q·b; rows below the threshold become all-zero output channels
+        partial(fold_compactors, threshold=fold_threshold),
+        # with no plan: removes exactly the all-zero channels, in every member
+        partial(prune_channels, round_to=round_to),
+        cleanup,  # drops dead submodules and nodes
+    ]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -140,7 +146,7 @@ class ResRep:
         if layer_macs is None:
             layer_macs = count_macs(gm, example_inputs_of(gm)).per_layer
         self.layer_macs = layer_macs
-        insert_compactors(gm, PassContext(internal_only=internal_only))
+        insert_compactors(gm, internal_only=internal_only)
         self.model = gm
         self.compactors = [m for m in gm.modules() if isinstance(m, Compactor)]
         if not self.compactors:
@@ -297,8 +303,11 @@ class ResRep:
     def finalize(self, *, fold_threshold: float = 1e-5, verify: bool = False) -> fx.GraphModule:
         """Fuse BN, fold compactors, remove the zeroed channels. Mutates and returns the model."""
         self.model.eval()
-        ctx = PassContext(round_to=self.round_to, fold_threshold=fold_threshold, verify=verify)
-        result = run_passes(self.model, RESREP_FINALIZE, ctx)
+        result = run_passes(
+            self.model,
+            resrep_finalize(round_to=self.round_to, fold_threshold=fold_threshold),
+            verify=verify,
+        )
         self.finalize_stats = result.stats
         return result.gm
 
