@@ -1,32 +1,68 @@
-"""Deployable artifacts and their runners: ONNX (+ ONNX Runtime), TensorRT, eager torch.
+"""Deployable artifacts, their runners and the one timing routine.
 
-``export()`` is the one call for the common case; the modules below stay usable on their own:
+Every backend is a :class:`~.base.Backend` registered by name (``backend_names()``): ``onnx``
+(.onnx, run with ONNX Runtime on CPU), ``tensorrt`` (.engine, optional ``tensorrt`` package and
+a GPU) and ``torch`` (.pt model files, eager / compiled PyTorch). Importing this package
+registers them; their optional dependencies are imported only when used.
 
-- :mod:`.onnx`      export_onnx, cleanup_onnx
-- :mod:`.ort`       OrtRunner, parity, latency (ONNX Runtime, CPU)
-- :mod:`.tensorrt`  available, build_engine, TrtRunner, latency (optional ``tensorrt``)
-- :mod:`.torch`     torch_latency (eager / torch.compile / CUDA graphs)
-- :mod:`.timing`    LatencyStats, the one record every runner returns
+- :func:`export`            write an artifact with the named backend
+- :func:`runner`            load an artifact (the backend is chosen by its file suffix)
+- :func:`.timing.measure`   time runners interleaved: median, p90, threads, device
+- :mod:`.onnx`              export_onnx, cleanup_onnx;  :mod:`.ort` OrtRunner, parity
+- :mod:`.tensorrt`          build_engine, trtexec_command;  :mod:`.tensorrt_runner` TrtRunner
+- :mod:`.torch`             TorchRunner
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+# Importing a backend's module registers it. (No top-level `import torch` here: the submodule
+# graphprune.backends.torch becomes this package's attribute `torch` once imported.)
+from .base import (
+    Backend,
+    Runner,
+    backend_for_path,
+    backend_names,
+    get_backend,
+    register_backend,
+    unregister_backend,
+)
+from .onnx import OnnxBackend, cleanup_onnx, export_onnx
+from .tensorrt import TensorRTBackend
+from .timing import LatencyStats, Timing, measure, stats_from_times
+from .torch import TorchBackend
 
-from .onnx import cleanup_onnx, export_onnx
-from .timing import LatencyStats, stats_from_times
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
-__all__ = ["BACKENDS", "LatencyStats", "cleanup_onnx", "export", "export_onnx", "stats_from_times"]
+__all__ = [
+    "DEFAULT_BACKEND",
+    "Backend",
+    "LatencyStats",
+    "OnnxBackend",
+    "TensorRTBackend",
+    "TorchBackend",
+    "Runner",
+    "Timing",
+    "backend_for_path",
+    "backend_names",
+    "cleanup_onnx",
+    "export",
+    "export_onnx",
+    "get_backend",
+    "measure",
+    "register_backend",
+    "runner",
+    "stats_from_times",
+    "unregister_backend",
+]
 
-BACKENDS = ("onnx", "tensorrt")
-
-# Options of export_onnx; everything else given with backend="tensorrt" goes to build_engine.
-_ONNX_OPTIONS = ("dynamic_batch", "legacy", "opset")
+# What export and bench use when no backend is named: it runs on every machine.
+DEFAULT_BACKEND = "onnx"
 
 
 def export(
@@ -34,32 +70,19 @@ def export(
     example_inputs: torch.Tensor | Sequence[torch.Tensor],
     path: str | Path,
     *,
-    backend: str = "onnx",
+    backend: str = DEFAULT_BACKEND,
     fp16: bool = False,
     **options: Any,
 ) -> Path:
-    """Export ``model`` for ``backend`` and return the artifact's path.
+    """Export ``model`` with ``backend`` and return the artifact's path.
 
-    ``onnx``: ``path`` is the .onnx file; options go to :func:`export_onnx`.
-    ``tensorrt``: ``path`` is the engine; the ONNX is written next to it (same stem, .onnx) and
-    kept, so that when TensorRT is missing the error's trtexec command can be run on it.
-    With ``fp16=True`` the ONNX graph itself is fp16, which TensorRT 11 requires and 10 accepts.
+    Unknown names raise ValueError listing the registered backends; an unusable one raises
+    BackendUnavailableError saying what to install (tensorrt first writes the ONNX file and
+    names the equivalent trtexec command). ``options`` go to the backend's export.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; known backends: {', '.join(BACKENDS)}")
-    if backend == "onnx":
-        return export_onnx(model, example_inputs, path, fp16=fp16, **options)
+    return get_backend(backend).export(model, example_inputs, path, fp16=fp16, **options)
 
-    from .tensorrt import build_engine
 
-    engine_path = Path(path)
-    if engine_path.suffix == ".onnx":
-        raise ValueError(
-            f"{engine_path} is the engine path and would clash with its ONNX file; "
-            "use an .engine suffix"
-        )
-    onnx_options = {k: options.pop(k) for k in _ONNX_OPTIONS if k in options}
-    onnx_path = export_onnx(
-        model, example_inputs, engine_path.with_suffix(".onnx"), fp16=fp16, **onnx_options
-    )
-    return build_engine(onnx_path, engine_path, fp16=fp16, **options)
+def runner(artifact: str | Path, **options: Any) -> Runner:
+    """Load ``artifact`` with the backend that owns its suffix (``options`` go to its runner)."""
+    return backend_for_path(artifact).runner(artifact, **options)

@@ -34,7 +34,9 @@ from torch import nn
 
 from graphprune.errors import ExportError
 
-__all__ = ["cleanup_onnx", "export_onnx", "graph_precision", "io_names"]
+from .base import Backend, register_backend
+
+__all__ = ["OnnxBackend", "cleanup_onnx", "export_onnx", "graph_precision", "io_names"]
 
 BATCH_AXIS_NAME = "batch"
 
@@ -302,3 +304,30 @@ def _explain_failure(model: nn.Module, exc: Exception, legacy: bool, opset: int 
         f"exporting {type(model).__name__} to ONNX failed{where}: {summary[:300]}. "
         f"Try {', or '.join(hints)}."
     )
+
+
+@register_backend
+class OnnxBackend(Backend):
+    """One cleaned, checked .onnx file (:func:`export_onnx`), run with ONNX Runtime on CPU."""
+
+    name = "onnx"
+    suffix = ".onnx"
+    description = "one cleaned, checked ONNX file, run with ONNX Runtime on CPU"
+
+    def export(
+        self,
+        model: nn.Module,
+        example_inputs: torch.Tensor | Sequence[torch.Tensor],
+        path: str | Path,
+        *,
+        fp16: bool = False,
+        **options: Any,
+    ) -> Path:
+        """See :func:`export_onnx` (options: dynamic_batch, legacy, opset)."""
+        return export_onnx(model, example_inputs, path, fp16=fp16, **options)
+
+    def runner(self, artifact: str | Path | nn.Module, *, threads: int | None = None) -> Any:
+        """An :class:`~.ort.OrtRunner` at ``threads`` intra-op threads (default: all CPUs)."""
+        from .ort import OrtRunner
+
+        return OrtRunner(self.artifact_path(artifact), threads=threads)

@@ -1,14 +1,14 @@
-"""ONNX Runtime on CPU: the reference runner for parity checks and CPU latency.
+"""ONNX Runtime on CPU: the runner of the ``onnx`` backend, for parity checks and CPU latency.
 
 ONNX Runtime is a hard dependency, so every export can be checked against torch on any
 machine, GPU or not. Thread counts are fixed and reported because CPU latency without its
-thread count is not comparable between runs or machines.
+thread count is not comparable between runs or machines. Time it with
+:func:`graphprune.backends.timing.measure`.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +16,12 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from .onnx import flatten_outputs
-from .timing import LatencyStats, available_cpus, cpu_name, stats_from_times
+from graphprune.frontend.modes import eval_mode
 
-__all__ = ["OrtRunner", "latency", "parity"]
+from .onnx import flatten_outputs
+from .timing import available_cpus, cpu_name, host_clock
+
+__all__ = ["OrtRunner", "parity"]
 
 _ORT_DTYPES: dict[str, type[np.generic]] = {
     "tensor(float)": np.float32,
@@ -34,7 +36,15 @@ _ORT_DTYPES: dict[str, type[np.generic]] = {
 
 
 class OrtRunner:
-    """An InferenceSession on CPUExecutionProvider with a fixed, reported thread count."""
+    """An InferenceSession on CPUExecutionProvider with a fixed, reported thread count.
+
+    The intra-op pool does not spin while idle: when several sessions take turns (dense and
+    pruned, interleaved), a spinning pool of the session that just ran steals the cores from
+    the next one. Timed alone, spinning on or off gives the same latency.
+    """
+
+    backend = "onnxruntime"
+    clock = staticmethod(host_clock)
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         self.path = Path(path)
@@ -47,12 +57,14 @@ class OrtRunner:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # errors only; warnings are about fusions it skipped
         self.session = ort.InferenceSession(
             str(self.path), sess_options=options, providers=["CPUExecutionProvider"]
         )
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.device = cpu_name()
 
     def run(self, *arrays: np.ndarray | torch.Tensor) -> list[np.ndarray]:
         """Run one forward pass; arrays are cast to the dtypes the graph declares."""
@@ -66,6 +78,11 @@ class OrtRunner:
             for spec, a in zip(self.session.get_inputs(), arrays, strict=True)
         }
         return list(self.session.run(self.output_names, feeds))
+
+    def step(self, batch_size: int) -> Callable[[], object]:
+        """One forward pass on random inputs of ``batch_size``, bound once (for timing)."""
+        feeds = dict(zip(self.input_names, self.random_inputs(batch_size), strict=True))
+        return lambda: self.session.run(self.output_names, feeds)
 
     def random_inputs(self, batch_size: int, seed: int = 0) -> list[np.ndarray]:
         """Random inputs of the graph's dtypes and shapes, with the batch axis set.
@@ -99,20 +116,15 @@ def parity(
 ) -> float:
     """Max absolute difference between torch (eval, no_grad) and ONNX Runtime, over all outputs.
 
-    The model's train/eval flag is restored afterwards. For an fp16 graph the inputs are cast to
-    float16 for ONNX Runtime while torch runs the model as given, so the number includes the
-    precision loss (which is the figure a user of the fp16 artifact cares about).
+    Every submodule's train/eval flag is restored afterwards. For an fp16 graph the inputs are
+    cast to float16 for ONNX Runtime while torch runs the model as given, so the number includes
+    the precision loss (which is the figure a user of the fp16 artifact cares about).
     """
     inputs = (
         (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     )
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            expected = flatten_outputs(model(*inputs))
-    finally:
-        model.train(was_training)
+    with torch.no_grad(), eval_mode(model):
+        expected = flatten_outputs(model(*inputs))
     actual = OrtRunner(onnx_path).run(*inputs)
     if len(actual) != len(expected):
         raise ValueError(
@@ -123,37 +135,6 @@ def parity(
         for a, e in zip(actual, expected, strict=True)
     ]
     return float(max(diffs))
-
-
-def latency(
-    path: str | Path,
-    batch_sizes: Iterable[int] = (1, 16),
-    warmup: int = 10,
-    runs: int = 50,
-    threads: int | None = None,
-) -> dict[int, LatencyStats]:
-    """Per-batch ONNX Runtime CPU latency on random inputs of the graph's shapes."""
-    if runs < 1 or warmup < 0:
-        raise ValueError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
-    runner = OrtRunner(path, threads=threads)
-    results: dict[int, LatencyStats] = {}
-    for batch in batch_sizes:
-        feeds = dict(zip(runner.input_names, runner.random_inputs(batch), strict=True))
-        for _ in range(warmup):
-            runner.session.run(runner.output_names, feeds)
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            runner.session.run(runner.output_names, feeds)
-            times.append((time.perf_counter() - start) * 1e3)
-        results[batch] = stats_from_times(
-            times,
-            batch_size=batch,
-            device=cpu_name(),
-            threads=runner.threads,
-            backend="onnxruntime",
-        )
-    return results
 
 
 def _dtype(ort_type: str) -> type[np.generic]:

@@ -1,4 +1,6 @@
-"""TensorRT engines from our ONNX files: build, run, time. Written for TensorRT 10.x and 11.x.
+"""The ``tensorrt`` backend: engines built from our ONNX files. Written for TensorRT 10.x and 11.x.
+
+The runner lives in :mod:`.tensorrt_runner`.
 
 ``tensorrt`` is optional and imported inside functions, so ``import graphprune`` never needs it.
 Version differences are detected by feature (hasattr), never by version string:
@@ -7,26 +9,31 @@ Version differences are detected by feature (hasattr), never by version string:
 - 11.x is strongly typed only: precision comes from the ONNX tensor types, so an fp16 engine
   needs an ONNX exported with ``fp16=True``. Such a graph is built strongly typed on 10.x too.
 
-Every engine gets a JSON side-car (``<engine>.json``) with its I/O, batch range and precision,
-so a wrong batch size is refused with a clear message before TensorRT is involved.
+Every engine gets a JSON side-car (``<engine>.json``) with its I/O, batch range, profiles,
+precision and the equivalent trtexec command, so a wrong batch size is refused with a clear
+message before TensorRT is involved.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 import torch
+from torch import nn
 
 from graphprune.errors import BackendUnavailableError, ExportError
 
-from .onnx import graph_precision
-from .timing import LatencyStats, stats_from_times
+from .base import Backend, register_backend
+from .onnx import export_onnx, graph_precision
 
-__all__ = ["TrtRunner", "available", "build_engine", "latency", "trtexec_command"]
+if TYPE_CHECKING:
+    from .tensorrt_runner import TrtRunner
+
+__all__ = ["TensorRTBackend", "available", "build_engine", "trtexec_command"]
 
 _INSTALL = (
     "pip install 'graphprune[tensorrt]' (the `tensorrt` package) on a machine with an NVIDIA "
@@ -34,13 +41,62 @@ _INSTALL = (
 )
 
 
+@register_backend
+class TensorRTBackend(Backend):
+    """A serialized TensorRT engine built from our ONNX export, run on a CUDA GPU."""
+
+    name = "tensorrt"
+    suffix = ".engine"
+    description = "a TensorRT engine (the ONNX file is kept beside it), run on a CUDA GPU"
+    install = _INSTALL
+
+    def unavailable_reason(self) -> str | None:
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            return "the `tensorrt` package is not installed"
+        return None if torch.cuda.is_available() else "torch sees no CUDA device"
+
+    def export(
+        self,
+        model: nn.Module,
+        example_inputs: torch.Tensor | Sequence[torch.Tensor],
+        path: str | Path,
+        *,
+        fp16: bool = False,
+        **options: Any,
+    ) -> Path:
+        """Write ``<stem>.onnx`` next to the engine (kept, so that when TensorRT is missing the
+        error's trtexec command can be run on it), then build the engine from it.
+
+        Options of export_onnx (dynamic_batch, legacy, opset) go to it, the rest to
+        :func:`build_engine`. With ``fp16=True`` the ONNX graph itself is fp16, which TensorRT
+        11 requires and 10 accepts.
+        """
+        engine_path = Path(path)
+        if engine_path.suffix == ".onnx":
+            raise ValueError(
+                f"{engine_path} is the engine path and would clash with its ONNX file; "
+                f"use an {self.suffix} suffix"
+            )
+        onnx_options = {k: options.pop(k) for k in _ONNX_OPTIONS if k in options}
+        onnx_path = export_onnx(
+            model, example_inputs, engine_path.with_suffix(".onnx"), fp16=fp16, **onnx_options
+        )
+        return build_engine(onnx_path, engine_path, fp16=fp16, **options)
+
+    def runner(self, artifact: str | Path | nn.Module, **options: Any) -> TrtRunner:
+        from .tensorrt_runner import TrtRunner
+
+        return TrtRunner(self.artifact_path(artifact), **options)
+
+
+_ONNX_OPTIONS = ("dynamic_batch", "legacy", "opset")
+
+
 def available() -> bool:
     """True when ``tensorrt`` imports and torch sees a CUDA device."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+    return TensorRTBackend().available()
 
 
 def build_engine(
@@ -49,12 +105,17 @@ def build_engine(
     *,
     fp16: bool = False,
     min_batch: int = 1,
-    opt_batch: int = 1,
     max_batch: int = 16,
+    opt_batches: Sequence[int] | None = None,
     workspace_gb: float = 2.0,
     timing_cache: str | Path | None = None,
 ) -> Path:
     """Build a serialized engine for batch sizes ``min_batch..max_batch`` and its side-car.
+
+    One optimization profile per batch size in ``opt_batches`` (default: ``min_batch`` and
+    ``max_batch``), each covering the whole range and tuned for that batch (opt = it), because
+    kernels are chosen at the opt shape: a batch-1 latency from a profile tuned for 16 is not
+    the engine's batch-1 latency. The runner picks the profile tuned for the batch it runs.
 
     ``fp16=True`` on an fp32 graph uses ``BuilderFlag.FP16`` where it exists (10.x); on 11.x it
     raises ValueError asking for an fp16 export. An fp16 graph is built strongly typed.
@@ -62,27 +123,29 @@ def build_engine(
     the same layers (dense vs pruned, repeated benchmarks) much faster.
     """
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    if not 1 <= min_batch <= opt_batch <= max_batch:
+    opts = sorted(set(opt_batches or (min_batch, max_batch)))
+    if not 1 <= min_batch <= opts[0] <= opts[-1] <= max_batch:
         raise ValueError(
-            f"need 1 <= min_batch <= opt_batch <= max_batch, got "
-            f"{min_batch}, {opt_batch}, {max_batch}"
+            f"need 1 <= min_batch <= every opt batch <= max_batch, got min_batch={min_batch}, "
+            f"opt_batches={opts}, max_batch={max_batch}"
         )
     if not onnx_path.is_file():
         raise FileNotFoundError(f"no ONNX file at {onnx_path}; export it with export_onnx first")
     graph_fp16 = graph_precision(onnx.load(str(onnx_path), load_external_data=False)) == "fp16"
-    cmd = trtexec_command(
-        onnx_path,
-        engine_path,
-        min_batch=min_batch,
-        opt_batch=opt_batch,
-        max_batch=max_batch,
-        fp16=fp16,
-    )
-    trt = _import_tensorrt(cmd)
+    shape = {"min_batch": min_batch, "opt_batches": opts, "max_batch": max_batch}
+    trt = import_tensorrt(trtexec_command(onnx_path, engine_path, fp16=fp16, **shape))
+    weak = hasattr(trt.BuilderFlag, "FP16")  # 10.x; 11.x is strongly typed only
+    cmd = trtexec_command(onnx_path, engine_path, fp16=fp16, weak_typing=weak, **shape)
     if not torch.cuda.is_available():
         raise BackendUnavailableError(
             f"TensorRT needs a CUDA device; torch sees none. On a GPU "
             f"machine the equivalent command is: {cmd}"
+        )
+    if fp16 and not graph_fp16 and not weak:
+        raise ValueError(
+            f"TensorRT {trt.__version__} is strongly typed (no BuilderFlag.FP16): export the "
+            f"ONNX with fp16=True so precision comes from the graph, then build it (equivalent "
+            f"command: {cmd})"
         )
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -102,30 +165,9 @@ def build_engine(
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     if fp16 and not graph_fp16:
-        if not hasattr(trt.BuilderFlag, "FP16"):
-            raise ValueError(
-                "this TensorRT is strongly typed (no BuilderFlag.FP16): export the "
-                "ONNX with fp16=True so precision comes from the graph"
-            )
         config.set_flag(trt.BuilderFlag.FP16)
-    profile = builder.create_optimization_profile()
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
-    for tensor in inputs:
-        shape = tuple(tensor.shape)
-        if any(d < 0 for d in shape[1:]):
-            raise ValueError(
-                f"input {tensor.name} has dynamic non-batch axes {shape}; "
-                "export with a fixed input size"
-            )
-        if shape[0] >= 0 and not min_batch == max_batch == shape[0]:
-            raise ValueError(
-                f"{onnx_path} has a fixed batch of {shape[0]}; re-export with "
-                f"dynamic_batch=True or build with min=opt=max batch {shape[0]}"
-            )
-        profile.set_shape(
-            tensor.name, *((b, *shape[1:]) for b in (min_batch, opt_batch, max_batch))
-        )
-    config.add_optimization_profile(profile)
+    _add_profiles(builder, config, inputs, onnx_path, min_batch, opts, max_batch)
     cache_file = Path(timing_cache) if timing_cache else None
     cache_bytes = cache_file.read_bytes() if cache_file and cache_file.is_file() else b""
     config.set_timing_cache(config.create_timing_cache(cache_bytes), ignore_mismatch=False)
@@ -145,137 +187,49 @@ def build_engine(
         "onnx": str(onnx_path),
         "inputs": [_io(t) for t in inputs],
         "outputs": [_io(t) for t in outputs],
-        "min_batch": min_batch,
-        "opt_batch": opt_batch,
-        "max_batch": max_batch,
+        **shape,
         "precision": "fp16" if fp16 or graph_fp16 else "fp32",
-        "strongly_typed": bool(flags) or not hasattr(trt.BuilderFlag, "FP16"),
+        "strongly_typed": bool(flags) or not weak,
         "tensorrt": trt.__version__,
+        "trtexec": cmd,
         "cuda": torch.version.cuda,
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "gpu": torch.cuda.get_device_name(),
     }
     _sidecar_path(engine_path).write_text(json.dumps(sidecar, indent=2))
     return engine_path
 
 
-class TrtRunner:
-    """Runs an engine with execute_async_v3 on torch CUDA tensors, on its own CUDA stream.
-
-    A private stream because enqueueing on the legacy default stream makes TensorRT add
-    synchronizations (and a warning) to every call.
-    """
-
-    def __init__(self, engine_path: str | Path) -> None:
-        self.engine_path = Path(engine_path)
-        self.meta = read_sidecar(self.engine_path)
-        trt = _import_tensorrt(_command_from_sidecar(self.engine_path, self.meta))
-        if not torch.cuda.is_available():
-            raise BackendUnavailableError("TensorRT engines need a CUDA device; torch sees none")
-        self._trt = trt
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
-        if self.engine is None:
-            built = self.meta.get("tensorrt") if self.meta else "unknown"
-            raise ExportError(
-                f"cannot load {self.engine_path} (built with TensorRT {built}, this "
-                f"is {trt.__version__}, or another GPU); rebuild it with build_engine"
-            )
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
-        self.input_names = [n for n in names if is_input[n]]
-        self.output_names = [n for n in names if not is_input[n]]
-        self.stream = torch.cuda.Stream()
-
-    def dtype(self, name: str) -> torch.dtype:
-        """The torch dtype of an engine I/O tensor."""
-        trt_dtype = self.engine.get_tensor_dtype(name)
-        for trt_name, torch_dtype in _DTYPES:
-            if trt_dtype == getattr(self._trt.DataType, trt_name, None):
-                return torch_dtype
-        raise TypeError(f"engine tensor {name} has unsupported dtype {trt_dtype}")
-
-    def run(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
-        """One forward pass; inputs are moved to CUDA and cast to the engine's dtypes."""
-        outputs = self._bind(inputs)
-        self._enqueue()
-        torch.cuda.current_stream().wait_stream(self.stream)
-        return outputs
-
-    def time(self, batch_size: int, *, warmup: int = 10, runs: int = 50) -> LatencyStats:
-        """Latency of ``runs`` forward passes on random inputs, each timed with CUDA events."""
-        shapes = [tuple(self.engine.get_tensor_shape(n))[1:] for n in self.input_names]
-        inputs = [
-            torch.randn(batch_size, *s, device="cuda").to(self.dtype(n))
-            for n, s in zip(self.input_names, shapes, strict=True)
-        ]
-        self._bind(inputs)
-        for _ in range(warmup):
-            self._enqueue()
-        events = [
-            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            for _ in range(runs)
-        ]
-        for start, end in events:
-            start.record(self.stream)
-            self._enqueue()
-            end.record(self.stream)
-        self.stream.synchronize()
-        return stats_from_times(
-            [s.elapsed_time(e) for s, e in events],
-            batch_size=batch_size,
-            device=f"cuda ({torch.cuda.get_device_name()})",
-            backend="tensorrt",
-        )
-
-    def _bind(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        if len(inputs) != len(self.input_names):
-            raise ValueError(
-                f"engine takes {len(self.input_names)} inputs "
-                f"({', '.join(self.input_names)}), got {len(inputs)}"
-            )
-        check_batch(self.engine_path, int(inputs[0].shape[0]), self.meta)
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            # Kept on self so the buffers outlive the asynchronous execution.
-            self._inputs = [
-                t.to("cuda", self.dtype(n)).contiguous()
-                for n, t in zip(self.input_names, inputs, strict=True)
-            ]
-            for name, t in zip(self.input_names, self._inputs, strict=True):
-                self.context.set_input_shape(name, tuple(t.shape))
-                self.context.set_tensor_address(name, t.data_ptr())
-            self._outputs = [
-                torch.empty(
-                    tuple(self.context.get_tensor_shape(n)), dtype=self.dtype(n), device="cuda"
+def _add_profiles(
+    builder: Any,
+    config: Any,
+    inputs: Sequence[Any],
+    onnx_path: Path,
+    min_batch: int,
+    opts: Sequence[int],
+    max_batch: int,
+) -> None:
+    """One profile per opt batch, every input ranging min_batch..max_batch (profile k tuned
+    for opts[k]); TensorRT's refusal of a profile is an error, not a silent default."""
+    for opt in opts:
+        profile = builder.create_optimization_profile()
+        for tensor in inputs:
+            shape = tuple(tensor.shape)
+            if any(d < 0 for d in shape[1:]):
+                raise ValueError(
+                    f"input {tensor.name} has dynamic non-batch axes {shape}; "
+                    "export with a fixed input size"
                 )
-                for n in self.output_names
-            ]
-        for name, t in zip(self.output_names, self._outputs, strict=True):
-            self.context.set_tensor_address(name, t.data_ptr())
-            t.record_stream(torch.cuda.current_stream())
-        return self._outputs
-
-    def _enqueue(self) -> None:
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise RuntimeError(f"TensorRT execution of {self.engine_path} failed; see its log")
-
-
-def latency(
-    engine_path: str | Path,
-    batch_sizes: Iterable[int] = (1, 16),
-    *,
-    warmup: int = 10,
-    runs: int = 50,
-) -> dict[int, LatencyStats]:
-    """Per-batch engine latency; every batch size is checked against the profile first."""
-    batch_sizes = list(batch_sizes)
-    meta = read_sidecar(engine_path)
-    for b in batch_sizes:
-        check_batch(engine_path, b, meta)
-    runner = TrtRunner(engine_path)
-    return {b: runner.time(b, warmup=warmup, runs=runs) for b in batch_sizes}
+            if shape[0] >= 0 and not min_batch == opt == max_batch == shape[0]:
+                raise ValueError(
+                    f"{onnx_path} has a fixed batch of {shape[0]}; re-export with "
+                    f"dynamic_batch=True or build with min=opt=max batch {shape[0]}"
+                )
+            profile.set_shape(tensor.name, *((b, *shape[1:]) for b in (min_batch, opt, max_batch)))
+        if config.add_optimization_profile(profile) < 0:
+            raise ValueError(
+                f"TensorRT rejected the optimization profile batch {min_batch}..{max_batch} "
+                f"(opt {opt}) for {onnx_path}"
+            )
 
 
 def read_sidecar(engine_path: str | Path) -> dict[str, Any] | None:
@@ -301,11 +255,19 @@ def trtexec_command(
     engine_path: str | Path,
     *,
     min_batch: int = 1,
-    opt_batch: int = 1,
+    opt_batches: Sequence[int] = (1, 16),
     max_batch: int = 16,
     fp16: bool = False,
+    weak_typing: bool | None = None,
 ) -> str:
-    """The trtexec line equivalent to build_engine, from the ONNX file's input names/shapes."""
+    """The trtexec line equivalent to build_engine, from the ONNX file's input names/shapes.
+
+    One ``--minShapes/--optShapes/--maxShapes`` set per profile (trtexec makes a profile of each
+    set). Precision: an fp16 graph gets ``--stronglyTyped``; ``fp16`` on an fp32 graph gets
+    ``--fp16`` unless ``weak_typing`` is False (TensorRT 11, strongly typed, has no such flag:
+    there the graph must be exported in fp16). None means the version is unknown (TensorRT not
+    installed): the 10.x line is printed.
+    """
     model = onnx.load(str(onnx_path), load_external_data=False)
     initializers = {t.name for t in model.graph.initializer}
     specs = []
@@ -320,28 +282,18 @@ def trtexec_command(
     def shapes(batch: int) -> str:
         return ",".join(f"{n}:" + "x".join(str(d) for d in (batch, *rest)) for n, rest in specs)
 
-    cmd = (
-        f"trtexec --onnx={onnx_path} --saveEngine={engine_path} --minShapes={shapes(min_batch)}"
-        f" --optShapes={shapes(opt_batch)} --maxShapes={shapes(max_batch)}"
-    )
+    cmd = f"trtexec --onnx={onnx_path} --saveEngine={engine_path}"
+    for opt in opt_batches:
+        cmd += (
+            f" --minShapes={shapes(min_batch)} --optShapes={shapes(opt)}"
+            f" --maxShapes={shapes(max_batch)}"
+        )
     if graph_precision(model) == "fp16":
-        return cmd + " --stronglyTyped"  # required on 10.x, a no-op on 11.x
-    return cmd + " --fp16" if fp16 else cmd
+        return cmd + " --stronglyTyped"  # required on 10.x, the only mode on 11.x
+    return cmd + " --fp16" if fp16 and weak_typing is not False else cmd
 
 
-_DTYPES = (
-    ("FLOAT", torch.float32),
-    ("HALF", torch.float16),
-    ("BF16", torch.bfloat16),
-    ("INT32", torch.int32),
-    ("INT64", torch.int64),
-    ("INT8", torch.int8),
-    ("UINT8", torch.uint8),
-    ("BOOL", torch.bool),
-)
-
-
-def _import_tensorrt(equivalent_command: str) -> Any:
+def import_tensorrt(equivalent_command: str) -> Any:
     try:
         import tensorrt as trt
     except ImportError as exc:
@@ -352,13 +304,16 @@ def _import_tensorrt(equivalent_command: str) -> Any:
     return trt
 
 
-def _command_from_sidecar(engine_path: Path, meta: dict[str, Any] | None) -> str:
+def command_from_sidecar(engine_path: Path, meta: dict[str, Any] | None) -> str:
+    """The trtexec line that built ``engine_path``, for errors where TensorRT is missing."""
+    if meta and meta.get("trtexec"):
+        return str(meta["trtexec"])
     if meta and Path(meta["onnx"]).is_file():
         return trtexec_command(
             meta["onnx"],
             engine_path,
             min_batch=meta["min_batch"],
-            opt_batch=meta["opt_batch"],
+            opt_batches=meta.get("opt_batches") or [meta.get("opt_batch", meta["min_batch"])],
             max_batch=meta["max_batch"],
             fp16=meta["precision"] == "fp16",
         )

@@ -1,7 +1,8 @@
-"""Eager / compiled PyTorch latency: the baseline every exported artifact is compared against.
+"""The ``torch`` backend: eager / compiled PyTorch, the baseline every artifact is compared with.
 
-CPU runs are timed with ``time.perf_counter`` and report torch's intra-op thread count; CUDA
-runs are timed with CUDA events on the stream, because host timers measure kernel launches,
+Its artifact is a model file written by :func:`graphprune.io.save_model` (what ``compress
+--out`` writes). CPU runs are timed on the host clock and report torch's intra-op thread count;
+CUDA runs are timed with CUDA events on the stream, because host timers measure kernel launches,
 not kernel execution. The user's model is deep-copied: casting to half, channels_last and
 ``.to(device)`` all mutate a module in place.
 """
@@ -10,90 +11,140 @@ from __future__ import annotations
 
 import copy
 import functools
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from graphprune.errors import BackendUnavailableError
 
-from .timing import LatencyStats, cpu_name, stats_from_times
+from .base import Backend, register_backend
+from .timing import CudaClock, cpu_name, host_clock
 
-__all__ = ["torch_latency"]
+__all__ = ["TorchBackend", "TorchRunner"]
 
 
-def torch_latency(
-    model: nn.Module,
-    example_inputs: torch.Tensor | Sequence[torch.Tensor],
-    *,
-    device: str | torch.device = "cpu",
-    batch_sizes: Iterable[int] = (1, 16),
-    fp16: bool = False,
-    channels_last: bool = False,
-    cuda_graphs: bool = False,
-    compile: bool = False,
-    warmup: int = 10,
-    runs: int = 50,
-) -> dict[int, LatencyStats]:
-    """Per-batch latency of ``model`` in eval mode under ``torch.no_grad``.
+@register_backend
+class TorchBackend(Backend):
+    """A saved graphprune model file, run by PyTorch (eager, torch.compile or CUDA graphs)."""
 
-    Inputs for each batch size are random tensors shaped like ``example_inputs`` (batch axis
+    name = "torch"
+    suffix = ".pt"
+    description = "a graphprune model file, run by PyTorch (eager, compile, CUDA graphs)"
+
+    def export(
+        self,
+        model: nn.Module,
+        example_inputs: torch.Tensor | Sequence[torch.Tensor],
+        path: str | Path,
+        *,
+        fp16: bool = False,
+        **options: Any,
+    ) -> Path:
+        """Save ``model`` with its example inputs (:func:`graphprune.io.save_model`)."""
+        from graphprune.io import save_model
+
+        if fp16 or options:
+            given = ["fp16"] * fp16 + sorted(options)
+            raise ValueError(
+                f"the torch backend saves the model as it is and takes no export options "
+                f"({', '.join(given)}); fp16 and channels_last are runner(...) options on CUDA"
+            )
+        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+        return save_model(path, model, tuple(inputs))
+
+    def runner(self, artifact: str | Path | nn.Module, **options: Any) -> TorchRunner:
+        """A :class:`TorchRunner` of a model file, or of a module (pass ``example_inputs=``)."""
+        if isinstance(artifact, nn.Module):
+            return TorchRunner(artifact, **options)
+        from graphprune.io import load_model
+
+        model, inputs = load_model(self.artifact_path(artifact))
+        return TorchRunner(model, **{"example_inputs": inputs, **options})
+
+
+class TorchRunner:
+    """``model`` in eval mode under ``torch.no_grad`` on ``device``, ready to run and time.
+
+    Timed inputs for a batch size are random tensors shaped like ``example_inputs`` (batch axis
     replaced). ``fp16``, ``channels_last`` and ``cuda_graphs`` are CUDA-only: on CPU they are
     slow paths or unsupported, and a number measured that way would mislead, so they raise
     ValueError. ``compile`` with ``cuda_graphs`` uses torch.compile's "reduce-overhead" mode,
     which captures CUDA graphs itself.
     """
-    dev = torch.device(device)
-    cuda_only = [
-        n
-        for n, on in (
-            ("fp16", fp16),
-            ("channels_last", channels_last),
-            ("cuda_graphs", cuda_graphs),
+
+    backend = "torch"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        example_inputs: torch.Tensor | Sequence[torch.Tensor],
+        device: str | torch.device = "cpu",
+        fp16: bool = False,
+        channels_last: bool = False,
+        cuda_graphs: bool = False,
+        compile: bool = False,
+    ) -> None:
+        dev = torch.device(device)
+        cuda_only = [
+            n
+            for n, on in (
+                ("fp16", fp16),
+                ("channels_last", channels_last),
+                ("cuda_graphs", cuda_graphs),
+            )
+            if on
+        ]
+        if dev.type != "cuda" and cuda_only:
+            raise ValueError(f"{', '.join(cuda_only)} only apply on CUDA; got device={dev}")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailableError(f"device={dev} requested but torch sees no CUDA device")
+        self.examples = (
+            (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
         )
-        if on
-    ]
-    if dev.type != "cuda" and cuda_only:
-        raise ValueError(f"{', '.join(cuda_only)} only apply on CUDA; got device={dev}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BackendUnavailableError(f"device={dev} requested but torch sees no CUDA device")
-    if runs < 1 or warmup < 0:
-        raise ValueError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
-    examples = (
-        (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    )
+        self.dev, self.fp16, self.channels_last = dev, fp16, channels_last
+        self.cuda_graphs, self.compiled = cuda_graphs, compile
+        work = copy.deepcopy(model).eval().to(dev)
+        if fp16:
+            work = work.half()
+        if channels_last:
+            work = work.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.forward: Callable[..., object] = work
+        if compile:
+            self.forward = torch.compile(work, mode="reduce-overhead" if cuda_graphs else None)
+        if dev.type == "cuda":
+            self.device = f"cuda ({torch.cuda.get_device_name(dev)})"
+            self.threads: int | None = None
+            self.clock: Any = CudaClock()
+        else:
+            self.device, self.threads, self.clock = cpu_name(), torch.get_num_threads(), host_clock
 
-    work = copy.deepcopy(model).eval().to(dev)
-    if fp16:
-        work = work.half()
-    if channels_last:
-        work = work.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    forward: Callable[..., object] = work
-    if compile:
-        forward = torch.compile(work, mode="reduce-overhead" if cuda_graphs else None)
+    def run(self, *inputs: torch.Tensor) -> list[Any]:
+        """One forward pass on ``inputs`` (moved to the device); the outputs as a list."""
+        from .onnx import flatten_outputs
 
-    results: dict[int, LatencyStats] = {}
-    for batch in batch_sizes:
-        inputs = [_like(t, batch, dev, fp16, channels_last) for t in examples]
         with torch.no_grad():
-            if dev.type == "cuda":
-                step = _graphed(forward, inputs) if cuda_graphs and not compile else None
-                times = _time_cuda(step or functools.partial(forward, *inputs), warmup, runs)
-                name = f"cuda ({torch.cuda.get_device_name(dev)})"
-                results[batch] = stats_from_times(
-                    times, batch_size=batch, device=name, backend="torch"
-                )
-            else:
-                times = _time_cpu(functools.partial(forward, *inputs), warmup, runs)
-                results[batch] = stats_from_times(
-                    times,
-                    batch_size=batch,
-                    device=cpu_name(),
-                    threads=torch.get_num_threads(),
-                    backend="torch",
-                )
-    return results
+            out = self.forward(*(t.to(self.dev) for t in inputs))
+        return list(flatten_outputs(out))
+
+    def step(self, batch_size: int) -> Callable[[], object]:
+        """One forward pass on random inputs of ``batch_size`` (a CUDA graph replay if asked)."""
+        inputs = [
+            _like(t, batch_size, self.dev, self.fp16, self.channels_last) for t in self.examples
+        ]
+        if self.cuda_graphs and not self.compiled:
+            with torch.no_grad():
+                return _graphed(self.forward, inputs)
+        call = functools.partial(self.forward, *inputs)
+
+        def step() -> object:
+            with torch.no_grad():
+                return call()
+
+        return step
 
 
 def _like(
@@ -108,32 +159,6 @@ def _like(
     if channels_last and t.dim() == 4:
         t = t.contiguous(memory_format=torch.channels_last)
     return t
-
-
-def _time_cpu(step: Callable[[], object], warmup: int, runs: int) -> list[float]:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
-
-
-def _time_cuda(step: Callable[[], object], warmup: int, runs: int) -> list[float]:
-    for _ in range(warmup):
-        step()
-    events = [
-        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-        for _ in range(runs)
-    ]
-    for start, end in events:
-        start.record()
-        step()
-        end.record()
-    torch.cuda.synchronize()
-    return [start.elapsed_time(end) for start, end in events]
 
 
 def _graphed(forward: Callable[..., object], inputs: list[torch.Tensor]) -> Callable[[], object]:

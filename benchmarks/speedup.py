@@ -5,10 +5,11 @@ to 0.7, 0.5 and 0.3 of its dense MACs, with round_to=8 and round_to=1, exported 
 default exporter, as ``graphprune export`` does) and timed with ONNX Runtime on CPU at a fixed
 thread count. Random weights: latency does not depend on their values.
 
-Timing is interleaved: for each batch size the dense model and every pruned variant take turns
-one forward pass at a time (the order rotates each round), so load from other processes and
-clock drift hit all of them alike. Speedup = dense median / pruned median from the same rounds;
-"drift" compares the dense median of the first and second half of the rounds. Efficiency =
+Timing is graphprune.backends.timing.measure: for each batch size the dense model and every
+pruned variant take turns one forward pass at a time (the order rotates each round), so load
+from other processes and clock drift hit all of them alike. Speedup = dense median / pruned
+median from the same rounds; "drift" compares the dense median of the first and second half of
+the rounds. Efficiency =
 speedup / (dense MACs / pruned MACs); 1.0 means latency fell exactly as MACs did.
 With a CUDA device, torch fp16 channels_last eager and CUDA-graph latencies are added.
 
@@ -30,18 +31,17 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import onnxruntime
 import torch
 
 from graphprune import compress, count_macs
 from graphprune.apps.models import get_model
-from graphprune.backends.onnx import export_onnx
-from graphprune.backends.timing import available_cpus
+from graphprune.backends import get_backend
+from graphprune.backends.timing import available_cpus, cpu_name, measure
 
 OUT = Path(__file__).resolve().parent / "results" / "speedup.json"
 MIN_RUNS = 10  # a median of fewer runs moves with a single hiccup
-SHORT_S = 0.2  # passes shorter than this get an untimed pass first in their turn
+ONNX = get_backend("onnx")  # ONNX files timed by ONNX Runtime on CPU
 
 
 def log(msg: str) -> None:
@@ -67,87 +67,29 @@ def build_variants(name: str, targets, round_tos, tmp: Path) -> list[dict]:
             )  # fmt: skip
     for i, v in enumerate(variants):
         t = time.perf_counter()
-        v["onnx"] = export_onnx(v["model"], inputs, tmp / f"{name}_{i}.onnx")
+        v["onnx"] = ONNX.export(v["model"], inputs, tmp / f"{name}_{i}{ONNX.suffix}")
         log(f"{name} export {i + 1}/{len(variants)}: {time.perf_counter() - t:.1f} s")
         v.update(name=name, inputs=inputs, macs_ratio=v["macs"] / dense.macs)
     return variants
 
 
-def ort_session(path: Path, threads: int) -> onnxruntime.InferenceSession:
-    """OrtRunner's settings, plus thread pools that sleep instead of spinning when idle.
-
-    With several sessions taking turns, a spinning pool of the session that just ran steals
-    the cores from the next one: at batch 1 that added ~30 ms to every ResNet-50 run here and
-    squeezed speedups toward 1. Timed alone, spinning on or off gives the same latency.
-    """
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3
-    return onnxruntime.InferenceSession(
-        str(path), sess_options=options, providers=["CPUExecutionProvider"]
-    )
-
-
-def time_interleaved(variants, batch: int, *, threads: int, runs: int, seconds: float) -> dict:
-    """Round-robin forward passes; at least MIN_RUNS rounds, at most ``runs`` or ``seconds``.
-
-    A pass shorter than SHORT_S gets an untimed pass just before it in its turn, so the cost of
-    switching models (caches, waking threads) is not charged to it.
-    """
-    sessions = [ort_session(v["onnx"], threads) for v in variants]
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((batch, *variants[0]["inputs"][0].shape[1:])).astype(np.float32)
-    feeds = [{s.get_inputs()[0].name: x} for s in sessions]
-    short = []
-    for s, f in zip(sessions, feeds, strict=True):  # warm-up: arenas, kernels, thread pool
-        for _ in range(3):
-            t = time.perf_counter()
-            s.run(None, f)
-        short.append(time.perf_counter() - t < SHORT_S)
-    times: list[list[float]] = [[] for _ in variants]
-    start = time.perf_counter()
-    for k in range(runs):
-        if k >= MIN_RUNS and time.perf_counter() - start > seconds:
-            break
-        n = len(variants)
-        for i in [(k + j) % n for j in range(n)]:  # rotate so no variant always runs first
-            if short[i]:
-                sessions[i].run(None, feeds[i])
-            t = time.perf_counter()
-            sessions[i].run(None, feeds[i])
-            times[i].append((time.perf_counter() - t) * 1e3)
-    dense = np.asarray(times[0])
-    half = len(dense) // 2
-    return {
-        "times": times,
-        "drift": float(np.median(dense[half:]) / np.median(dense[:half]) - 1),
-    }
-
-
 def gpu_latency(variants, batch_sizes) -> None:
     """torch fp16 channels_last on CUDA, eager and CUDA graphs; stored in each variant."""
-    from graphprune.backends.torch import torch_latency
-
-    for v in variants:
-        for mode, graphs in (("eager", False), ("cuda_graphs", True)):
-            stats = torch_latency(
-                v["model"], v["inputs"], device="cuda", batch_sizes=batch_sizes, fp16=True,
-                channels_last=True, cuda_graphs=graphs, warmup=20, runs=100,
-            )  # fmt: skip
-            v.setdefault("gpu", {})[mode] = {b: s.median_ms for b, s in stats.items()}
+    torch_backend = get_backend("torch")
+    for mode, graphs in (("eager", False), ("cuda_graphs", True)):
+        runners = [
+            torch_backend.runner(v["model"], example_inputs=v["inputs"], device="cuda",
+                                 fp16=True, channels_last=True, cuda_graphs=graphs)
+            for v in variants
+        ]  # fmt: skip
+        timing = measure(runners, batch_sizes, warmup=20, rounds=100)
+        for i, v in enumerate(variants):
+            v.setdefault("gpu", {})[mode] = {b: s[i].median_ms for b, s in timing.stats.items()}
 
 
 def machine(threads: int) -> dict:
-    info = Path("/proc/cpuinfo")
-    lines = info.read_text().splitlines() if info.exists() else []
-    names = [x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")]
-    cpu = names[0] if names else platform.processor() or platform.machine()
     return {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cores_available": available_cpus(),
         "cores_total": os.cpu_count(),
         "ort_threads": threads,
@@ -161,23 +103,17 @@ def machine(threads: int) -> dict:
     }
 
 
-def rows_for(variants, timing: dict[int, dict]) -> list[dict]:
+def rows_for(variants, timing) -> list[dict]:
     rows = []
     for i, v in enumerate(variants):
         row = {k: v[k] for k in ("name", "target", "round_to", "macs", "macs_ratio", "params")}
-        row.update(latency={}, speedup={}, efficiency={})
-        for b, t in timing.items():
-            ms = np.asarray(t["times"][i])
-            dense_ms = np.asarray(t["times"][0])
-            med = float(np.median(ms))
-            row["latency"][b] = {
-                "median_ms": med,
-                "p90_ms": float(np.percentile(ms, 90)),
-                "runs": int(ms.size),
-            }
-            row["speedup"][b] = float(np.median(dense_ms)) / med
+        row.update(latency={}, speedup={}, efficiency={}, speedup_paired={})
+        for b, stats in timing.stats.items():
+            s = stats[i]
+            row["latency"][b] = {"median_ms": s.median_ms, "p90_ms": s.p90_ms, "runs": s.runs}
+            row["speedup"][b] = timing.speedup(b, i)
             # Same-round ratios: robust to load that changes between rounds.
-            row.setdefault("speedup_paired", {})[b] = float(np.median(dense_ms / ms))
+            row["speedup_paired"][b] = timing.paired_speedup(b, i)
             row["efficiency"][b] = row["speedup"][b] * v["macs_ratio"]
         if "gpu" in v:
             row["gpu_fp16_channels_last_ms"] = v["gpu"]
@@ -257,15 +193,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="graphprune-speedup-") as tmp:
         for name in args.models:
             variants = build_variants(name, args.targets, args.round_to, Path(tmp))
-            timing = {}
+            runners = [ONNX.runner(v["onnx"], threads=threads) for v in variants]
+            t = time.perf_counter()
+            timing = measure(
+                runners, args.batch_sizes, warmup=3, rounds=args.runs, seconds=args.seconds,
+                min_rounds=MIN_RUNS,
+            )  # fmt: skip
             for b in args.batch_sizes:
-                t = time.perf_counter()
-                timing[b] = time_interleaved(
-                    variants, b, threads=threads, runs=args.runs, seconds=args.seconds
-                )
-                drift[f"{name} b={b}"] = timing[b]["drift"]
-                rounds, secs = len(timing[b]["times"][0]), time.perf_counter() - t
-                log(f"{name} b={b}: {rounds} rounds, {secs:.0f} s, drift {timing[b]['drift']:+.1%}")
+                drift[f"{name} b={b}"] = timing.drift(b)
+                rounds = len(timing.times_ms[b][0])
+                log(f"{name} b={b}: {rounds} rounds, drift {timing.drift(b):+.1%}")
+            log(f"{name}: timed in {time.perf_counter() - t:.0f} s")
             if torch.cuda.is_available():
                 gpu_latency(variants, args.batch_sizes)
             rows += rows_for(variants, timing)

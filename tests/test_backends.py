@@ -16,10 +16,18 @@ import torch
 from onnx import helper
 from torch import nn
 
-from graphprune.backends import BACKENDS, cleanup_onnx, export, export_onnx
+from graphprune.backends import (
+    backend_for_path,
+    backend_names,
+    cleanup_onnx,
+    export,
+    export_onnx,
+    get_backend,
+    measure,
+)
 from graphprune.backends import tensorrt as trt_backend
-from graphprune.backends.ort import OrtRunner, latency, parity
-from graphprune.backends.torch import torch_latency
+from graphprune.backends.ort import OrtRunner, parity
+from graphprune.backends.torch import TorchRunner
 from graphprune.errors import BackendUnavailableError, ExportError
 
 INPUT = (3, 16, 16)
@@ -262,9 +270,13 @@ def test_export_failure_names_the_op_and_what_to_try(tmp_path: Path) -> None:
 
 
 def test_unknown_backend_lists_known_ones(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="onnx, tensorrt"):
+    with pytest.raises(ValueError, match="known backends: onnx, tensorrt") as info:
         export(_model("conv_bn_relu"), torch.randn(1, *INPUT), tmp_path / "m", backend="tvm")
-    assert BACKENDS == ("onnx", "tensorrt")
+    assert "torch" in str(info.value)
+    assert not (tmp_path / "m").exists()
+    assert {"onnx", "tensorrt", "torch"} <= set(backend_names())
+    with pytest.raises(ValueError, match=r"\.onnx \(onnx\)"):
+        backend_for_path(tmp_path / "m.tflite")
 
 
 # --- TensorRT -------------------------------------------------------------------------------
@@ -282,7 +294,8 @@ def test_tensorrt_engine_matches_torch(tmp_path: Path) -> None:
     meta = json.loads((tmp_path / "m.engine.json").read_text())
     assert (meta["min_batch"], meta["max_batch"], meta["precision"]) == (1, 4, "fp32")
     assert (tmp_path / "timing.cache").stat().st_size > 0
-    runner = trt_backend.TrtRunner(engine)
+    runner = get_backend("tensorrt").runner(engine)
+    assert [p[1] for p in runner.profiles] == [1, 4]  # one profile per timed batch, opt = it
     cuda_model = copy.deepcopy(model).cuda()
     for batch in (1, 3):
         x = torch.randn(batch, *INPUT, device="cuda")
@@ -293,8 +306,12 @@ def test_tensorrt_engine_matches_torch(tmp_path: Path) -> None:
         torch.testing.assert_close(actual, expected, atol=5e-3, rtol=5e-3)
     with pytest.raises(ValueError, match="1..4"):
         runner.run(torch.randn(5, *INPUT))
-    stats = trt_backend.latency(engine, (1, 4), warmup=2, runs=5)
-    assert stats[4].median_ms > 0 and stats[4].runs == 5
+    x = torch.randn(4, *INPUT, device="cuda")
+    (unaligned,) = runner.run(x[1:])  # a view 1 image past an aligned start: copied, not refused
+    with torch.no_grad():
+        torch.testing.assert_close(unaligned, cuda_model(x[1:]), atol=5e-3, rtol=5e-3)
+    stats = measure([runner], (1, 4), warmup=2, rounds=5).stats
+    assert stats[4][0].median_ms > 0 and stats[4][0].runs == 5
 
 
 def test_missing_tensorrt_says_what_to_install_and_the_trtexec_command(
@@ -321,37 +338,77 @@ def test_engine_batch_outside_profile_is_refused_before_tensorrt(
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     engine = tmp_path / "m.engine"
     engine.write_bytes(b"not an engine")
-    sidecar = {"onnx": "m.onnx", "min_batch": 1, "opt_batch": 1, "max_batch": 16,
-               "precision": "fp32"}  # fmt: skip
+    sidecar = {
+        "onnx": "m.onnx",
+        "min_batch": 1,
+        "opt_batch": 1,
+        "max_batch": 16,
+        "precision": "fp32",
+    }  # fmt: skip  (an older side-car: one opt_batch)
     (tmp_path / "m.engine.json").write_text(json.dumps(sidecar))
+    meta = trt_backend.read_sidecar(engine)
+    trt_backend.check_batch(engine, 16, meta)
     with pytest.raises(ValueError, match=r"allowed 1\.\.16"):
-        trt_backend.latency(engine, batch_sizes=(1, 32))
-    with pytest.raises(BackendUnavailableError):  # an allowed batch gets as far as TensorRT
-        trt_backend.latency(engine, batch_sizes=(16,))
+        trt_backend.check_batch(engine, 32, meta)
+    with pytest.raises(BackendUnavailableError, match="trtexec"):  # the runner needs TensorRT
+        get_backend("tensorrt").runner(engine)
 
 
 # --- latency runners ------------------------------------------------------------------------
 
 
-def test_ort_latency_returns_sane_stats(exported: Callable[[str], Path]) -> None:
-    stats = latency(exported("conv_bn_relu"), batch_sizes=(1, 4), warmup=1, runs=5, threads=1)
-    assert sorted(stats) == [1, 4]
-    for batch, s in stats.items():
-        assert s.batch_size == batch and s.runs == 5 and s.threads == 1
-        assert 0 < s.min_ms <= s.median_ms <= s.p90_ms
-        assert s.backend == "onnxruntime"
+def test_ort_runner_times_dense_and_other_model_interleaved(
+    exported: Callable[[str], Path],
+) -> None:
+    runners = [get_backend("onnx").runner(exported(n), threads=1) for n in ("concat", "residual")]
+    timing = measure(runners, (1, 4), warmup=1, rounds=5)
+    assert sorted(timing.stats) == [1, 4]
+    for batch, stats in timing.stats.items():
+        for s in stats:
+            assert s.batch_size == batch and s.runs == 5 and s.threads == 1
+            assert 0 < s.min_ms <= s.median_ms <= s.p90_ms
+            assert s.backend == "onnxruntime"
+    # The runner's step really runs the graph at that batch: same outputs as ORT given inputs.
+    x = np.random.default_rng(0).standard_normal((3, *INPUT)).astype(np.float32)
+    with torch.no_grad():
+        expected = _model("residual")(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(runners[1].run(x)[0], expected, atol=1e-4)
 
 
-def test_torch_latency_cpu_is_sane_and_does_not_mutate() -> None:
+def test_torch_runner_cpu_matches_model_and_does_not_mutate(tmp_path: Path) -> None:
     model = _model("flatten_linear").train()
-    stats = torch_latency(model, torch.randn(1, *INPUT), batch_sizes=(1, 2), warmup=1, runs=4)
-    assert sorted(stats) == [1, 2]
-    assert all(s.runs == 4 and 0 < s.median_ms <= s.p90_ms for s in stats.values())
-    assert stats[2].threads == torch.get_num_threads()
+    backend = get_backend("torch")
+    runner = backend.runner(model, example_inputs=torch.randn(1, *INPUT))
+    stats = measure([runner], (1, 2), warmup=1, rounds=4).stats
+    assert all(s[0].runs == 4 and 0 < s[0].median_ms <= s[0].p90_ms for s in stats.values())
+    assert stats[2][0].threads == torch.get_num_threads()
     assert model.training and next(model.parameters()).device.type == "cpu"
+    x = torch.randn(3, *INPUT)
+    with torch.no_grad():
+        expected = copy.deepcopy(model).eval()(x)
+    torch.testing.assert_close(runner.run(x)[0], expected)
+    # Its artifact is a model file; loading it back runs the same model.
+    path = backend.export(model, torch.randn(1, *INPUT), tmp_path / "m.pt")
+    assert backend_for_path(path) is backend
+    torch.testing.assert_close(backend.runner(path).run(x)[0], expected)
+    with pytest.raises(ValueError, match="fp16"):
+        backend.export(model, torch.randn(1, *INPUT), tmp_path / "h.pt", fp16=True)
 
 
 @pytest.mark.parametrize("option", ["fp16", "channels_last", "cuda_graphs"])
-def test_torch_latency_cuda_only_options_refused_on_cpu(option: str) -> None:
+def test_torch_runner_cuda_only_options_refused_on_cpu(option: str) -> None:
     with pytest.raises(ValueError, match=option):
-        torch_latency(_model("conv_bn_relu"), torch.randn(1, *INPUT), **{option: True})
+        TorchRunner(_model("conv_bn_relu"), example_inputs=torch.randn(1, *INPUT), **{option: True})
+
+
+def test_runner_of_a_module_for_a_file_backend_says_export_first() -> None:
+    with pytest.raises(TypeError, match="export"):
+        get_backend("onnx").runner(_model("conv_bn_relu"))
+
+
+def test_parity_restores_each_submodules_mode(exported: Callable[[str], Path]) -> None:
+    model = _model("conv_bn_relu").train()
+    model.body[1].eval()  # a frozen BatchNorm in a training model, as fine-tuning recipes do
+    assert parity(model, torch.randn(2, *INPUT), exported("conv_bn_relu")) <= 1e-4
+    assert model.training and model.body[0].training and model.head.training
+    assert not model.body[1].training

@@ -1,9 +1,10 @@
 """``graphprune bench``: MACs, params and latency of several models side by side.
 
-Modules (built-in names, ``package.module:factory``, ``.pt`` files from ``compress --out``) are
-exported to a temporary ONNX file, so dense and pruned models are timed alike: ONNX Runtime on
-CPU at a fixed thread count. ``.onnx`` files are timed as given, ``.engine`` files by TensorRT.
-Each batch size is timed across all models in turn, so machine drift hits them alike.
+Modules (built-in names, ``package.module:factory``, model files from ``compress --out``) are
+exported with one backend (``--backend``, default onnx: ONNX Runtime on CPU at a fixed thread
+count), so dense and pruned models are timed alike. Other files are artifacts, timed as given
+by the backend their suffix belongs to (``.onnx``, ``.engine``, ...). All models take turns in
+the same rounds (:func:`graphprune.backends.timing.measure`), so machine drift hits them alike.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from graphprune.backends.timing import LatencyStats, available_cpus
-from graphprune.errors import BackendUnavailableError
+# Files from ``compress --out``: models, re-exported with the chosen backend like built-in names.
+MODEL_FILES = (".pt", ".pth")
 
 
 def bench(
@@ -24,91 +25,74 @@ def bench(
     runs: int = 30,
     warmup: int = 5,
     threads: int | None = None,
+    backend: str | None = None,
 ) -> list[dict[str, Any]]:
-    """One dict per spec: name, kind, backend, threads (None on TensorRT), macs, params,
+    """One dict per spec: name, kind ("model", or the backend of a given artifact), backend
+    (the runtime that timed it), threads (None where it does not apply), device, macs, params,
     ``latency[b] = {"median_ms", "p90_ms"}``, and versus the first row ``speedup[b]`` (its median
-    / this row's) and ``macs_ratio`` (its MACs / this row's). None where it does not apply:
-    ratios of the first row, MACs and params of ``.onnx`` and ``.engine`` files.
+    / this row's, from the same rounds) and ``macs_ratio`` (its MACs / this row's). None where
+    it does not apply: ratios of the first row, MACs and params of artifact files.
     """
+    from graphprune.backends import DEFAULT_BACKEND, backend_for_path, get_backend
+    from graphprune.backends.timing import measure
+
     if not specs:
         raise ValueError("bench needs at least one model")
     batch_sizes = list(batch_sizes)
     if not batch_sizes or min(batch_sizes) < 1:
         raise ValueError(f"batch sizes must be >= 1, got {batch_sizes}")
-    threads = threads or available_cpus()
+    exporter = get_backend(backend or DEFAULT_BACKEND)
+    owners = []
     for spec in specs:  # fail before minutes of exporting, not after
-        _check(spec)
+        owner = exporter if _is_model(spec) else backend_for_path(spec)
+        if Path(spec).suffix in (*MODEL_FILES, owner.suffix) and not Path(spec).is_file():
+            raise FileNotFoundError(f"no such file: {spec}")
+        owner.require()
+        owners.append(owner)
+    options = {} if threads is None else {"threads": threads}
     with tempfile.TemporaryDirectory(prefix="graphprune-bench-") as tmp:
-        rows = [
-            _prepare(spec, Path(tmp) / f"model{i}.onnx", threads) for i, spec in enumerate(specs)
-        ]
-        for b in batch_sizes:
-            for row in rows:
-                stats = _time(row, b, runs=runs, warmup=warmup)
-                row["latency"][b] = {"median_ms": stats.median_ms, "p90_ms": stats.p90_ms}
-                row["device"] = stats.device
-    first = rows[0]
-    for row in rows:
-        del row["_artifact"]  # a temporary file, gone with the folder
+        rows, runners = [], []
+        for i, (spec, owner) in enumerate(zip(specs, owners, strict=True)):
+            row, artifact = _prepare(spec, owner, Path(tmp) / f"model{i}{owner.suffix}")
+            runner = owner.runner(artifact, **options)
+            rows.append({**row, "backend": runner.backend, "threads": runner.threads})
+            runners.append(runner)
+        timing = measure(runners, batch_sizes, warmup=warmup, rounds=runs)
+    for i, row in enumerate(rows):
+        row["device"] = timing.stats[batch_sizes[0]][i].device
+        row["latency"] = {
+            b: {"median_ms": s[i].median_ms, "p90_ms": s[i].p90_ms} for b, s in timing.stats.items()
+        }
         row["speedup"] = row["macs_ratio"] = None
-        if row is not first:
-            row["speedup"] = {
-                b: first["latency"][b]["median_ms"] / row["latency"][b]["median_ms"]
-                for b in batch_sizes
-            }
-            if first["macs"] and row["macs"]:
-                row["macs_ratio"] = first["macs"] / row["macs"]
+        if i:
+            row["speedup"] = {b: timing.speedup(b, i) for b in batch_sizes}
+            if rows[0]["macs"] and row["macs"]:
+                row["macs_ratio"] = rows[0]["macs"] / row["macs"]
     return rows
 
 
-def _check(spec: str) -> None:
+def _is_model(spec: str) -> bool:
+    """Built-in names have no suffix, factories a ``module:callable`` colon, model files one
+    of MODEL_FILES; anything else is an artifact file."""
     suffix = Path(spec).suffix
-    if suffix in (".onnx", ".engine", ".pt", ".pth") and not Path(spec).is_file():
-        raise FileNotFoundError(f"no such file: {spec}")
-    from graphprune.backends import tensorrt
-
-    if suffix == ".engine" and not tensorrt.available():
-        raise BackendUnavailableError(
-            f"timing {spec} needs TensorRT and a CUDA GPU: pip install 'graphprune[tensorrt]'"
-        )
+    return ":" in spec or not suffix or suffix in MODEL_FILES
 
 
-def _prepare(spec: str, onnx_path: Path, threads: int) -> dict[str, Any]:
-    """Resolve ``spec`` to something timeable; modules are counted and exported here."""
-    suffix = Path(spec).suffix
-    row: dict[str, Any] = {
-        "name": spec,
-        "kind": suffix[1:] if suffix in (".onnx", ".engine") else "torch",
-        "backend": "onnxruntime",
-        "threads": threads,
-        "macs": None,  # counted on the torch module only; an ONNX graph has no counter here
-        "params": None,
-        "latency": {},
-        "_artifact": spec,
-    }
-    if suffix == ".engine":
-        return {**row, "backend": "tensorrt", "threads": None}
-    if suffix == ".onnx":
-        return row
+def _prepare(spec: str, owner: Any, path: Path) -> tuple[dict[str, Any], str | Path]:
+    """The row's static fields and the artifact to time; modules are counted and exported."""
+    row: dict[str, Any] = {"name": spec, "kind": "model", "macs": None, "params": None}
+    if not _is_model(spec):
+        # An artifact file: an ONNX graph or engine has no MACs counter here.
+        return {**row, "kind": owner.name}, spec
 
     from graphprune.apps.models import get_model
-    from graphprune.backends.onnx import export_onnx
     from graphprune.io import load_model
     from graphprune.planning.macs import count_macs
 
-    model, inputs = load_model(spec) if suffix in (".pt", ".pth") else get_model(spec)
+    model, inputs = load_model(spec) if Path(spec).suffix in MODEL_FILES else get_model(spec)
     macs = count_macs(model, inputs)
-    export_onnx(model, inputs, onnx_path)
-    return {**row, "macs": macs.macs, "params": macs.params, "_artifact": str(onnx_path)}
-
-
-def _time(row: dict[str, Any], batch: int, *, runs: int, warmup: int) -> LatencyStats:
-    from graphprune.backends import ort, tensorrt
-
-    path, opts = row["_artifact"], {"warmup": warmup, "runs": runs}
-    if row["backend"] == "tensorrt":
-        return tensorrt.latency(path, [batch], **opts)[batch]
-    return ort.latency(path, [batch], threads=row["threads"], **opts)[batch]
+    artifact = owner.export(model, inputs, path)
+    return {**row, "macs": macs.macs, "params": macs.params}, artifact
 
 
 def format_bench(rows: Sequence[dict[str, Any]]) -> str:

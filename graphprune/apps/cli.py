@@ -130,7 +130,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from graphprune.apps.bench import bench, format_bench
 
-    rows = bench(args.models, batch_sizes=args.batch_sizes, runs=args.runs, threads=args.threads)
+    rows = bench(
+        args.models,
+        batch_sizes=args.batch_sizes,
+        runs=args.runs,
+        threads=args.threads,
+        backend=args.backend,
+    )
     print(json.dumps(rows, indent=2) if args.json else format_bench(rows))
     return 0
 
@@ -145,6 +151,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         base_epochs=args.base_epochs,
     )
     return 0
+
+
+def _backend_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--backend`` with the registry's names as choices and their descriptions as help."""
+    from graphprune.backends import DEFAULT_BACKEND, backend_names, get_backend
+
+    names = backend_names()
+    about = "; ".join(f"{n}: {get_backend(n).description}" for n in names)
+    parser.add_argument(
+        "--backend", default=DEFAULT_BACKEND, choices=names, help=f"{what} ({about})"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,10 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_compress)
 
-    s = sub.add_parser("export", help="write an ONNX file or TensorRT engine")
+    s = sub.add_parser("export", help="write a deployable artifact (ONNX file, TensorRT engine)")
     s.add_argument("model")
     s.add_argument("--out", required=True)
-    s.add_argument("--backend", default="onnx", choices=["onnx", "tensorrt"])
+    _backend_flag(s, "write the artifact with this backend")
     s.add_argument("--fp16", action="store_true")
     s.set_defaults(fn=cmd_export)
 
@@ -189,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     s.add_argument("--runs", type=int, default=30)
     s.add_argument("--threads", type=int, default=None)
+    _backend_flag(s, "export models with this backend and time them with its runner")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_bench)
 

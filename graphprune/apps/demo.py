@@ -18,8 +18,9 @@ import torch
 from graphprune.api import compress
 from graphprune.apps.data import loaders_for
 from graphprune.apps.models import resnet56
-from graphprune.backends import export
-from graphprune.backends.ort import latency, parity
+from graphprune.backends import export, runner
+from graphprune.backends.ort import parity
+from graphprune.backends.timing import measure
 from graphprune.errors import TrainingError
 from graphprune.io import atomic_save
 from graphprune.planning.macs import count_macs
@@ -99,8 +100,9 @@ def run_demo(
     export(pruned, example, paths["pruned"])
     diffs = {k: parity(m, example, paths[k]) for k, m in (("dense", base), ("pruned", pruned))}
 
-    print("[4/4] timing dense vs pruned with ONNX Runtime (CPU)")
-    lat = {k: latency(p, batch_sizes=(1, 32), warmup=10, runs=50) for k, p in paths.items()}
+    print("[4/4] timing dense vs pruned with ONNX Runtime (CPU), interleaved")
+    timing = measure([runner(p) for p in paths.values()], (1, 32), warmup=10, rounds=50)
+    lat = {k: {b: s[i] for b, s in timing.stats.items()} for i, k in enumerate(paths)}
     dense_macs = count_macs(base, example)
     report = {
         "model": "CIFAR-style ResNet-56 (1x1 projection shortcuts), 1x16x16 input",
