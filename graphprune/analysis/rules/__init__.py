@@ -1,16 +1,31 @@
-"""The channel-rule registry: how each op moves channels.
+"""The op registry: one entry per op says how it moves channels AND how it shrinks.
 
-A rule is ``fn(b: Builder, node: fx.Node, module: nn.Module | None) -> value`` where the value
-is a ``TensorChannels`` (or a list of them for tuple outputs, or None for non-tensors).
-Rules are keyed by real fx targets: module classes (looked up along the MRO), functions
-(``torch.cat``, ``operator.add``) and method names (``"view"``). An op with no rule is never
-guessed at: ``Builder.unknown`` marks the channels it touches unprunable, with the reason.
+An entry is an ``OpRule(analyze, shrink)``:
+
+- ``analyze(b: Builder, node: fx.Node, module: nn.Module | None) -> value`` follows channels
+  through the op during analysis. The value is a ``TensorChannels`` (or a list of them for
+  tuple outputs, or None for non-tensors). It records the op's parameters whose indices are
+  channels with ``b.site(path, axis, atoms, role)``, unions/ties atoms that must be pruned
+  together, and raises ``ChannelError`` for what it cannot follow.
+- ``shrink(s: Shrink, node: fx.Node, module: nn.Module | None) -> None`` (optional) runs in
+  ``prune_channels`` after every site's tensor has been sliced: it makes whatever else holds a
+  channel count agree (module attributes such as ``out_channels``/``num_features``, split sizes,
+  slice bounds, view constants). ``s`` gives each node's channels and shapes before pruning and
+  which atoms are removed. Ops whose only channel-bearing state is their sites need none.
+
+Entries are keyed by real fx targets: module classes (looked up along the MRO), functions
+(``torch.cat``, ``operator.add``) and method names (``"view"``). Add an op with
+``@register(target, ..., shrink=fn)`` on its analyze function (user code may do the same).
+An op with no entry is never guessed at: ``Builder.unknown`` marks the channels it touches
+unprunable, with the reason.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
+import numpy as np
 from torch import fx, nn
 
 from graphprune.analysis.atoms import ChannelError, TensorChannels
@@ -18,18 +33,63 @@ from graphprune.analysis.builder import Builder
 from graphprune.frontend import meta
 
 Rule = Callable[[Builder, fx.Node, "nn.Module | None"], object]
-RULES: dict[object, Rule] = {}
 
 
-def register(*targets: object) -> Callable[[Rule], Rule]:
-    """Register a rule for module classes, functions or method names (extensible by users)."""
+@dataclass(frozen=True, slots=True)
+class Shrink:
+    """What a shrink function knows: the module, per-node channels and shapes as they were
+    before pruning, and which channel atoms are removed."""
+
+    gm: fx.GraphModule
+    values: Mapping[fx.Node, object]  # node -> TensorChannels (etc.) before pruning
+    old_shapes: Mapping[fx.Node, object]  # node -> recorded output shapes before pruning
+    removed: np.ndarray  # atom -> True when pruned away
+
+    def value(self, arg: object) -> object:
+        return self.values.get(arg) if isinstance(arg, fx.Node) else None
+
+    def kept(self, value: object, dim: int) -> int | None:
+        """How many channels survive along ``dim`` when that is the value's only channel dim."""
+        if isinstance(value, TensorChannels) and value.dims == (dim,):
+            return int(np.sum(~self.removed[value.atoms]))
+        return None
+
+
+ShrinkFn = Callable[[Shrink, fx.Node, "nn.Module | None"], None]
+
+
+@dataclass(frozen=True, slots=True)
+class OpRule:
+    """One op's entry: how it moves channels (``analyze``) and how it shrinks (``shrink``)."""
+
+    analyze: Rule
+    shrink: ShrinkFn | None = None
+
+
+RULES: dict[object, OpRule] = {}
+
+
+def register(*targets: object, shrink: ShrinkFn | None = None) -> Callable[[Rule], Rule]:
+    """Register ``fn`` (the analyze function) and ``shrink`` as the entry of each target:
+    module classes, functions or method names. Replaces an existing entry (extensible by users).
+    """
 
     def deco(fn: Rule) -> Rule:
         for t in targets:
-            RULES[t] = fn
+            RULES[t] = OpRule(fn, shrink)
         return fn
 
     return deco
+
+
+def lookup(node: fx.Node, module: nn.Module | None) -> OpRule | None:
+    """The entry for a node: by the module's class (along its MRO) or by the call target."""
+    if module is not None:
+        for cls in type(module).__mro__:
+            if cls in RULES:
+                return RULES[cls]
+        return None
+    return RULES.get(node.target) if node.op in ("call_function", "call_method") else None
 
 
 def apply_rule(b: Builder, node: fx.Node) -> object:
@@ -42,24 +102,15 @@ def apply_rule(b: Builder, node: fx.Node) -> object:
     if node.op == "get_attr":
         return ParamValue(str(node.target))
     module = b.gm.get_submodule(node.target) if node.op == "call_module" else None
-    rule = _lookup(node, module)
+    rule = lookup(node, module)
     if rule is None:
         if meta.output_shapes(node) is None and not _has_tensor_input(b, node):
             return None  # arithmetic on sizes and other non-tensor bookkeeping
         return b.unknown(node, "no channel rule for this op")
     try:
-        return rule(b, node, module)
+        return rule.analyze(b, node, module)
     except ChannelError as exc:
         return b.unknown(node, str(exc))
-
-
-def _lookup(node: fx.Node, module: nn.Module | None) -> Rule | None:
-    if module is not None:
-        for cls in type(module).__mro__:
-            if cls in RULES:
-                return RULES[cls]
-        return None
-    return RULES.get(node.target)
 
 
 def _has_tensor_input(b: Builder, node: fx.Node) -> bool:
@@ -112,4 +163,4 @@ def _placeholder(b: Builder, node: fx.Node) -> object:
 
 
 # The rule modules register themselves on import; they use the helpers above.
-from graphprune.analysis.rules import layers, tensor_ops  # noqa: E402,F401
+from graphprune.analysis.rules import layers, shape_ops, tensor_ops  # noqa: E402,F401

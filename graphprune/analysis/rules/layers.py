@@ -1,4 +1,8 @@
-"""Channel rules of layers with parameters: conv, linear, norms, PReLU."""
+"""Entries of layers with parameters: conv, linear, norms, PReLU.
+
+Their sites (weights, biases, norm parameters and statistics) are sliced generically by
+prune_channels; each shrink function only makes the module's attributes agree.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,29 @@ from torch import fx, nn
 
 from graphprune.analysis.atoms import ChannelError, TensorChannels
 from graphprune.analysis.builder import Builder, MacLayer
-from graphprune.analysis.rules import _shape, _tc, register
+from graphprune.analysis.rules import Shrink, _shape, _tc, register
 
 
 # --- layers that create channels --------------------------------------------------------------
+def _shrink_conv(s: Shrink, node: fx.Node, m: nn.modules.conv._ConvNd) -> None:
+    """in/out channels and groups from the sliced weight (a depthwise conv stays depthwise)."""
+    w = m.weight.shape
+    if m.transposed:
+        m.groups = m.groups * w[0] // m.in_channels if m.groups > 1 else 1
+        m.in_channels, m.out_channels = w[0], w[1] * m.groups
+    else:
+        m.groups = m.groups * w[0] // m.out_channels if m.groups > 1 else 1
+        m.in_channels, m.out_channels = w[1] * m.groups, w[0]
+
+
 @register(
-    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    shrink=_shrink_conv,
 )
 def _conv(b: Builder, node: fx.Node, m: nn.Module) -> TensorChannels:
     x = _tc(b, node.args[0])
@@ -58,7 +79,11 @@ def _mac(target: str, in_atoms: np.ndarray | None, out_atoms: np.ndarray) -> Mac
     return MacLayer(target, in_atoms, out_atoms)
 
 
-@register(nn.Linear)
+def _shrink_linear(s: Shrink, node: fx.Node, m: nn.Linear) -> None:
+    m.out_features, m.in_features = m.weight.shape
+
+
+@register(nn.Linear, shrink=_shrink_linear)
 def _linear(b: Builder, node: fx.Node, m: nn.Linear) -> TensorChannels:
     x = _tc(b, node.args[0])
     t = str(node.target)
@@ -78,7 +103,17 @@ def _linear(b: Builder, node: fx.Node, m: nn.Linear) -> TensorChannels:
 
 
 # --- normalization --------------------------------------------------------------------------
-@register(nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+def _shrink_batchnorm(s: Shrink, node: fx.Node, m: nn.Module) -> None:
+    kept = s.kept(s.value(node.args[0]), 1)
+    if kept is not None:
+        m.num_features = kept
+
+
+@register(
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    shrink=_shrink_batchnorm,
+)
 def _batchnorm(b: Builder, node: fx.Node, m: nn.Module) -> TensorChannels:
     x = _tc(b, node.args[0])
     if 1 not in x.dims:
@@ -97,7 +132,15 @@ def _batchnorm(b: Builder, node: fx.Node, m: nn.Module) -> TensorChannels:
     return x  # instance norm maps a constant channel to zero; keeps what came in
 
 
-@register(nn.GroupNorm)
+def _shrink_groupnorm(s: Shrink, node: fx.Node, m: nn.GroupNorm) -> None:
+    """Whole groups go (analysis tied them), so channels per group stay the same."""
+    kept = s.kept(s.value(node.args[0]), 1)
+    if kept is not None and kept != m.num_channels:
+        m.num_groups = m.num_groups * kept // m.num_channels
+        m.num_channels = kept
+
+
+@register(nn.GroupNorm, shrink=_shrink_groupnorm)
 def _groupnorm(b: Builder, node: fx.Node, m: nn.GroupNorm) -> TensorChannels:
     x = _tc(b, node.args[0])
     if 1 not in x.dims:
@@ -115,7 +158,12 @@ def _groupnorm(b: Builder, node: fx.Node, m: nn.GroupNorm) -> TensorChannels:
     return x.marked_nonzero(False)
 
 
-@register(nn.LayerNorm)
+def _shrink_layernorm(s: Shrink, node: fx.Node, m: nn.LayerNorm) -> None:
+    if m.weight is not None:
+        m.normalized_shape = tuple(m.weight.shape)
+
+
+@register(nn.LayerNorm, shrink=_shrink_layernorm)
 def _layernorm(b: Builder, node: fx.Node, m: nn.LayerNorm) -> TensorChannels:
     x = _tc(b, node.args[0])
     nd = len(_shape(node))
@@ -135,7 +183,11 @@ def _layernorm(b: Builder, node: fx.Node, m: nn.LayerNorm) -> TensorChannels:
     return x.marked_nonzero(False)
 
 
-@register(nn.PReLU)
+def _shrink_prelu(s: Shrink, node: fx.Node, m: nn.PReLU) -> None:
+    m.num_parameters = m.weight.numel()
+
+
+@register(nn.PReLU, shrink=_shrink_prelu)
 def _prelu(b: Builder, node: fx.Node, m: nn.PReLU) -> TensorChannels:
     x = _tc(b, node.args[0])
     if m.num_parameters > 1 and 1 in x.dims:

@@ -1,11 +1,11 @@
-"""Channel rules of parameter-free tensor ops: activations, pooling, arithmetic, cat/split,
-indexing, reshapes, permutes, reductions."""
+"""Entries of parameter-free elementwise-like ops: activations, pooling and resizing,
+arithmetic with broadcasting. None needs a shrink function: channel counts live only in
+their inputs."""
 
 from __future__ import annotations
 
 import operator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -13,7 +13,6 @@ from torch import fx, nn
 from graphprune.analysis.atoms import ChannelError, TensorChannels
 from graphprune.analysis.builder import Builder
 from graphprune.analysis.rules import ParamValue, _arg, _dim, _shape, _tc, register
-from graphprune.frontend import meta
 
 # --- ops that pass channels through unchanged ---------------------------------------------
 # Elementwise ops with f(0) = 0: a zeroed channel stays zero.
@@ -183,152 +182,6 @@ def _unify(b: Builder, left, right, out_nd: int) -> TensorChannels:
     if a.dims or c.dims:
         return a if a.dims else c
     return TensorChannels.unknown() if (a.opaque or c.opaque) else a
-
-
-@register(torch.cat, torch.concat, torch.concatenate)
-def _cat(b: Builder, node: fx.Node, m: object) -> TensorChannels:
-    inputs = list(_arg(node, 0, "tensors"))
-    nd = len(_shape(node))
-    d = _dim(int(_arg(node, 1, "dim", 0)), nd)
-    values = [b.value(a) for a in inputs]
-    if not all(isinstance(v, TensorChannels) for v in values):
-        raise ChannelError("cat of non-tensor values")
-    if all(d not in v.dims for v in values):
-        # Joined along a spatial/batch dim: every input must hold the same channels.
-        carried = [v for v in values if v.carries]
-        if not carried:
-            opaque = any(v.opaque for v in values)
-            return TensorChannels.unknown() if opaque else TensorChannels.free()
-        out = carried[0]
-        for v in values[1:]:
-            if v.dims != out.dims or v.atoms.shape != out.atoms.shape:
-                raise ChannelError("cat joins a tensor whose channels differ from the others'")
-            b.uf.union_arrays(out.atoms, v.atoms)
-        flag = any(v.nonzero_when_zeroed for v in values)
-        return out.marked_nonzero(flag)
-    parts = []
-    for a, v in zip(inputs, values, strict=True):
-        if v.dims == (d,):
-            parts.append(v.atoms)
-        else:  # a segment whose channels we cannot follow: fresh atoms nobody may prune
-            seg = b.fresh(_shape(a)[d], f"{node.name}:segment", "input")
-            b.block(seg, f"{node.name}: cat input {a.name} has unknown channels")
-            parts.append(seg)
-    flag = any(v.nonzero_when_zeroed for v in values)
-    return TensorChannels((d,), np.concatenate(parts), nonzero_when_zeroed=flag)
-
-
-@register(torch.split, torch.chunk, "split", "chunk", torch.tensor_split, "tensor_split")
-def _split(b: Builder, node: fx.Node, m: object) -> list[TensorChannels]:
-    x = _tc(b, node.args[0])
-    outs = meta.output_shapes(node)
-    nd = len(_shape(node.args[0]))
-    d = _dim(int(_arg(node, 2, "dim", 0)), nd)
-    parts, offset = [], 0
-    for s in outs:
-        parts.append(x.sliced(d, offset, offset + s[d]))
-        offset += s[d]
-    return parts
-
-
-@register(operator.getitem)
-def _getitem(b: Builder, node: fx.Node, m: object) -> object:
-    src, index = node.args
-    v = b.value(src)
-    if isinstance(v, list):
-        return v[index]
-    if not isinstance(v, TensorChannels):
-        return None
-    in_shape = _shape(src)
-    index = index if isinstance(index, tuple) else (index,)
-    if any(i is Ellipsis for i in index):
-        at = index.index(Ellipsis)
-        fill = len(in_shape) - (len(index) - 1 - sum(i is None for i in index))
-        index = index[:at] + (slice(None),) * fill + index[at + 1 :]
-    out, din, dout, removed, inserted = v, 0, 0, [], []
-    for i in index:
-        if i is None:
-            inserted.append(dout)
-            dout += 1
-        elif isinstance(i, int):
-            removed.append(din)
-            din += 1
-        elif isinstance(i, slice) and not any(isinstance(x, fx.Node) for x in (i.start, i.stop)):
-            if din in out.dims:
-                if i.step not in (None, 1):
-                    raise ChannelError("strided slice of a channel dim")
-                start, stop, _ = i.indices(in_shape[din])
-                original = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-                special = any(j is None or j is Ellipsis for j in original)
-                if (start, stop) != (0, in_shape[din]) and special:
-                    raise ChannelError("channel slice combined with None or Ellipsis indexing")
-                out = out.sliced(din, start, stop)
-            din += 1
-            dout += 1
-        else:
-            raise ChannelError(f"unsupported index {i!r}")
-    out = out.without_dims(removed)
-    for p in inserted:
-        out = out.with_dims(tuple(x + (x >= p) for x in out.dims))
-    return out
-
-
-# --- moving dims around ----------------------------------------------------------------------
-@register(
-    nn.Flatten,
-    torch.flatten,
-    torch.reshape,
-    torch.squeeze,
-    torch.unsqueeze,
-    "view",
-    "reshape",
-    "flatten",
-    "squeeze",
-    "unsqueeze",
-    "view_as",
-    "reshape_as",
-)
-def _reshape(b: Builder, node: fx.Node, m: object) -> TensorChannels:
-    out = _tc(b, node.args[0]).reshaped(_shape(node.args[0]), _shape(node))
-    if len(out.dims) > 1:
-        # Channels split over several dims (e.g. a channel shuffle's (groups, C/groups)):
-        # only the last dim may shrink, so positions along it are pruned together.
-        for column in np.moveaxis(out.atoms, -1, 0).reshape(out.atoms.shape[-1], -1):
-            b.uf.tie(column)
-    return out
-
-
-@register(torch.permute, "permute", torch.transpose, "transpose", "t")
-def _permute(b: Builder, node: fx.Node, m: object) -> TensorChannels:
-    x = _tc(b, node.args[0])
-    nd = len(_shape(node))
-    name = node.target if isinstance(node.target, str) else node.target.__name__
-    if name in ("transpose", "t"):
-        d0, d1 = (
-            (0, 1) if name == "t" else (_dim(int(node.args[1]), nd), _dim(int(node.args[2]), nd))
-        )
-        perm = list(range(nd))
-        perm[d0], perm[d1] = perm[d1], perm[d0]
-    else:
-        dims = node.args[1:] if len(node.args) > 2 else node.args[1]
-        perm = [_dim(int(p), nd) for p in (dims if isinstance(dims, (list, tuple)) else [dims])]
-    if x.carries and (perm[0] != 0):
-        raise ChannelError("permute moves the batch dim")
-    return x.permuted(perm)
-
-
-@register(torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin")
-def _reduce(b: Builder, node: fx.Node, m: object) -> TensorChannels:
-    x = _tc(b, node.args[0])
-    nd = len(_shape(node.args[0]))
-    dims = _arg(node, 1, "dim")
-    if dims is None:
-        raise ChannelError("reduces over every dim, channels included")
-    dims = [_dim(int(d), nd) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
-    if any(d in x.dims for d in dims):
-        raise ChannelError("reduces over the channel dim")
-    keepdim = bool(_arg(node, 2, "keepdim", False))
-    return x if keepdim else x.without_dims(dims)
 
 
 @register("size", "dim", "numel", getattr)

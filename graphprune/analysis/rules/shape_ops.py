@@ -1,0 +1,237 @@
+"""Entries of ops that move channels between tensors and dims: cat, split, indexing,
+reshapes, permutes, reductions. Those that bake channel counts into their arguments (split
+sizes, slice bounds, view shapes) rewrite them in their shrink functions."""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from graphprune.analysis.atoms import ChannelError, TensorChannels
+from graphprune.analysis.builder import Builder
+from graphprune.analysis.rules import Shrink, _arg, _dim, _shape, _tc, register
+from graphprune.errors import GraphInvariantError
+from graphprune.frontend import meta
+
+
+def _input_channels(s: Shrink, node: fx.Node) -> TensorChannels | None:
+    """The channels of a call's first argument, when it carries any (else nothing to do)."""
+    if node.op not in ("call_function", "call_method") or not node.args:
+        return None
+    x = s.value(node.args[0])
+    return x if isinstance(x, TensorChannels) and x.dims else None
+
+
+@register(torch.cat, torch.concat, torch.concatenate)
+def _cat(b: Builder, node: fx.Node, m: object) -> TensorChannels:
+    inputs = list(_arg(node, 0, "tensors"))
+    nd = len(_shape(node))
+    d = _dim(int(_arg(node, 1, "dim", 0)), nd)
+    values = [b.value(a) for a in inputs]
+    if not all(isinstance(v, TensorChannels) for v in values):
+        raise ChannelError("cat of non-tensor values")
+    if all(d not in v.dims for v in values):
+        # Joined along a spatial/batch dim: every input must hold the same channels.
+        carried = [v for v in values if v.carries]
+        if not carried:
+            opaque = any(v.opaque for v in values)
+            return TensorChannels.unknown() if opaque else TensorChannels.free()
+        out = carried[0]
+        for v in values[1:]:
+            if v.dims != out.dims or v.atoms.shape != out.atoms.shape:
+                raise ChannelError("cat joins a tensor whose channels differ from the others'")
+            b.uf.union_arrays(out.atoms, v.atoms)
+        flag = any(v.nonzero_when_zeroed for v in values)
+        return out.marked_nonzero(flag)
+    parts = []
+    for a, v in zip(inputs, values, strict=True):
+        if v.dims == (d,):
+            parts.append(v.atoms)
+        else:  # a segment whose channels we cannot follow: fresh atoms nobody may prune
+            seg = b.fresh(_shape(a)[d], f"{node.name}:segment", "input")
+            b.block(seg, f"{node.name}: cat input {a.name} has unknown channels")
+            parts.append(seg)
+    flag = any(v.nonzero_when_zeroed for v in values)
+    return TensorChannels((d,), np.concatenate(parts), nonzero_when_zeroed=flag)
+
+
+def _shrink_split(s: Shrink, node: fx.Node, m: object) -> None:
+    """Each piece's size becomes its surviving channels; chunk/tensor_split become split."""
+    x = _input_channels(s, node)
+    if x is None:
+        return
+    nd = len(s.old_shapes[node.args[0]])
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    dim = dim + nd if dim < 0 else dim
+    if dim not in x.dims:
+        return
+    sizes, offset = [], 0
+    for shape in s.old_shapes[node]:
+        part = x.sliced(dim, offset, offset + shape[dim]).atoms
+        sizes.append(int(np.sum(~s.removed[part.reshape(-1)])))
+        offset += shape[dim]
+    node.op, node.target = "call_function", torch.split
+    node.args, node.kwargs = (node.args[0], sizes, dim), {}
+
+
+@register(
+    torch.split,
+    torch.chunk,
+    "split",
+    "chunk",
+    torch.tensor_split,
+    "tensor_split",
+    shrink=_shrink_split,
+)
+def _split(b: Builder, node: fx.Node, m: object) -> list[TensorChannels]:
+    x = _tc(b, node.args[0])
+    outs = meta.output_shapes(node)
+    nd = len(_shape(node.args[0]))
+    d = _dim(int(_arg(node, 2, "dim", 0)), nd)
+    parts, offset = [], 0
+    for s in outs:
+        parts.append(x.sliced(d, offset, offset + s[d]))
+        offset += s[d]
+    return parts
+
+
+def _shrink_getitem(s: Shrink, node: fx.Node, m: object) -> None:
+    """Slice bounds on the channel dim count surviving channels."""
+    x = _input_channels(s, node)
+    if x is None:
+        return
+    index = node.args[1]
+    as_tuple = isinstance(index, tuple)
+    items = list(index if as_tuple else (index,))
+    if any(i is Ellipsis or i is None for i in items):
+        return  # dims shift; channel slices with Ellipsis/None are left as traced
+    for d, i in enumerate(items):
+        if isinstance(i, slice) and d in x.dims and x.dims == (d,):
+            kept_before = np.concatenate([[0], np.cumsum(~s.removed[x.atoms])])
+            start, stop, _ = i.indices(len(x.atoms))
+            items[d] = slice(int(kept_before[start]), int(kept_before[stop]), i.step)
+    node.args = (node.args[0], tuple(items) if as_tuple else items[0])
+
+
+@register(operator.getitem, shrink=_shrink_getitem)
+def _getitem(b: Builder, node: fx.Node, m: object) -> object:
+    src, index = node.args
+    v = b.value(src)
+    if isinstance(v, list):
+        return v[index]
+    if not isinstance(v, TensorChannels):
+        return None
+    in_shape = _shape(src)
+    index = index if isinstance(index, tuple) else (index,)
+    if any(i is Ellipsis for i in index):
+        at = index.index(Ellipsis)
+        fill = len(in_shape) - (len(index) - 1 - sum(i is None for i in index))
+        index = index[:at] + (slice(None),) * fill + index[at + 1 :]
+    out, din, dout, removed, inserted = v, 0, 0, [], []
+    for i in index:
+        if i is None:
+            inserted.append(dout)
+            dout += 1
+        elif isinstance(i, int):
+            removed.append(din)
+            din += 1
+        elif isinstance(i, slice) and not any(isinstance(x, fx.Node) for x in (i.start, i.stop)):
+            if din in out.dims:
+                if i.step not in (None, 1):
+                    raise ChannelError("strided slice of a channel dim")
+                start, stop, _ = i.indices(in_shape[din])
+                original = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+                special = any(j is None or j is Ellipsis for j in original)
+                if (start, stop) != (0, in_shape[din]) and special:
+                    raise ChannelError("channel slice combined with None or Ellipsis indexing")
+                out = out.sliced(din, start, stop)
+            din += 1
+            dout += 1
+        else:
+            raise ChannelError(f"unsupported index {i!r}")
+    out = out.without_dims(removed)
+    for p in inserted:
+        out = out.with_dims(tuple(x + (x >= p) for x in out.dims))
+    return out
+
+
+# --- moving dims around ----------------------------------------------------------------------
+def _shrink_view(s: Shrink, node: fx.Node, m: object) -> None:
+    """Explicit sizes of channel dims in view/reshape become the surviving counts."""
+    out = s.value(node)
+    if _input_channels(s, node) is None or not isinstance(out, TensorChannels) or not out.dims:
+        return
+    packed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
+    shape = list(node.args[1] if packed else node.args[1:])
+    kept = ~s.removed[out.atoms]
+    per_axis = [
+        int(kept.any(axis=tuple(a for a in range(kept.ndim) if a != axis)).sum())
+        for axis in range(kept.ndim)
+    ]
+    for axis, d in enumerate(out.dims):
+        if isinstance(shape[d], int) and shape[d] != -1:
+            shape[d] = per_axis[axis]
+    if int(kept.sum()) != int(np.prod(per_axis)):
+        raise GraphInvariantError(
+            f"{node.name}: pruning would leave a ragged {s.old_shapes[node]} view"
+        )
+    node.args = (node.args[0], tuple(shape)) if packed else (node.args[0], *shape)
+
+
+# Only view/reshape carry explicit sizes; flatten, squeeze and friends need no rewriting.
+@register(torch.reshape, "view", "reshape", shrink=_shrink_view)
+@register(
+    nn.Flatten,
+    torch.flatten,
+    torch.squeeze,
+    torch.unsqueeze,
+    "flatten",
+    "squeeze",
+    "unsqueeze",
+    "view_as",
+    "reshape_as",
+)
+def _reshape(b: Builder, node: fx.Node, m: object) -> TensorChannels:
+    out = _tc(b, node.args[0]).reshaped(_shape(node.args[0]), _shape(node))
+    if len(out.dims) > 1:
+        # Channels split over several dims (e.g. a channel shuffle's (groups, C/groups)):
+        # only the last dim may shrink, so positions along it are pruned together.
+        for column in np.moveaxis(out.atoms, -1, 0).reshape(out.atoms.shape[-1], -1):
+            b.uf.tie(column)
+    return out
+
+
+@register(torch.permute, "permute", torch.transpose, "transpose", "t")
+def _permute(b: Builder, node: fx.Node, m: object) -> TensorChannels:
+    x = _tc(b, node.args[0])
+    nd = len(_shape(node))
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    if name in ("transpose", "t"):
+        d0, d1 = (
+            (0, 1) if name == "t" else (_dim(int(node.args[1]), nd), _dim(int(node.args[2]), nd))
+        )
+        perm = list(range(nd))
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+    else:
+        dims = node.args[1:] if len(node.args) > 2 else node.args[1]
+        perm = [_dim(int(p), nd) for p in (dims if isinstance(dims, (list, tuple)) else [dims])]
+    if x.carries and (perm[0] != 0):
+        raise ChannelError("permute moves the batch dim")
+    return x.permuted(perm)
+
+
+@register(torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin")
+def _reduce(b: Builder, node: fx.Node, m: object) -> TensorChannels:
+    x = _tc(b, node.args[0])
+    nd = len(_shape(node.args[0]))
+    dims = _arg(node, 1, "dim")
+    if dims is None:
+        raise ChannelError("reduces over every dim, channels included")
+    dims = [_dim(int(d), nd) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+    if any(d in x.dims for d in dims):
+        raise ChannelError("reduces over the channel dim")
+    keepdim = bool(_arg(node, 2, "keepdim", False))
+    return x if keepdim else x.without_dims(dims)
