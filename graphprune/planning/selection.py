@@ -129,26 +129,33 @@ def walk(
     *,
     round_to: int = 1,
     max_drop: int | None = None,
+    fine: int | None = None,
+    min_keep: Mapping[int, int] | None = None,
 ) -> tuple[dict[int, np.ndarray], bool]:
     """The global walk: lowest score first, never emptying a group, widths rounded up to
     ``round_to`` as they will be pruned (so the MACs seen are the MACs the model will have),
     dropping at most ``max_drop`` channels. Returns (kept per changed group, target reached).
+    ``fine`` rounds widths below ``round_to`` more finely (``rounded_width``); ``min_keep``
+    (group id -> channels) is a floor no group is walked below (at least 1 always).
     """
     model = MacsModel(graph, layer_macs)
     target = flops_target * model.dense
     order = sorted((float(s), gid, pos) for gid, arr in scores.items() for pos, s in enumerate(arr))
     tied = {gid: is_tied(graph, gid) for gid in scores}
     removed: dict[int, int] = defaultdict(int)
+    floor = dict(min_keep or {})
     dropped = 0  # channels actually dropped after rounding, what max_drop limits
     for _, gid, _pos in order:
         if model.macs <= target or (max_drop is not None and dropped >= max_drop):
             break
         n = graph.groups[gid].channels
-        if n - removed[gid] <= 1:
+        if n - removed[gid] <= max(1, floor.get(gid, 1)):
             continue
         removed[gid] += 1
         before = model.kept[gid]
-        model.set_kept(gid, rounded_width(n - removed[gid], n, round_to, tied=tied[gid]))
+        model.set_kept(
+            gid, rounded_width(n - removed[gid], n, round_to, tied=tied[gid], fine=fine)
+        )
         dropped += before - model.kept[gid]
     plan = {}
     for gid, arr in scores.items():
