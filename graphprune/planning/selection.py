@@ -153,9 +153,7 @@ def walk(
             continue
         removed[gid] += 1
         before = model.kept[gid]
-        model.set_kept(
-            gid, rounded_width(n - removed[gid], n, round_to, tied=tied[gid], fine=fine)
-        )
+        model.set_kept(gid, rounded_width(n - removed[gid], n, round_to, tied=tied[gid], fine=fine))
         dropped += before - model.kept[gid]
     plan = {}
     for gid, arr in scores.items():
