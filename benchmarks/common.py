@@ -1,14 +1,15 @@
-"""Shared pieces of the accuracy benchmarks: recipes, the ResRep row and the peer row.
+"""Shared pieces of the accuracy benchmarks: recipes, a graphprune method's row, the peer row.
 
 The peer is Torch-Pruning (PyPI ``torch-pruning``): global group-L2 magnitude pruning
 (GroupMagnitudeImportance(p=2), MetaPruner with global_pruning=True) to the same MACs target,
-then fine-tuning for the same number of epochs ResRep trains. MACs are counted the same way for
-both (graphprune.count_macs: conv + linear multiply-accumulates).
+then fine-tuning for the same number of epochs the graphprune method trains. MACs are counted
+the same way for both (graphprune.count_macs: conv + linear multiply-accumulates).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import platform
 import statistics
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 import graphprune as gp
+from graphprune.methods import get_method, method_names
 from graphprune.training.loop import evaluate, fit
 
 
@@ -41,6 +43,11 @@ def machine() -> dict:
     }
 
 
+def add_method_arg(parser) -> None:
+    """--method: any registered method (these benchmarks were written for ResRep)."""
+    parser.add_argument("--method", default="resrep", choices=method_names())
+
+
 def train_base(model, train, test, *, epochs: int, lr: float, seed: int):
     torch.manual_seed(seed)
     t = time.perf_counter()
@@ -48,30 +55,30 @@ def train_base(model, train, test, *, epochs: int, lr: float, seed: int):
     return evaluate(model, test), time.perf_counter() - t
 
 
-def resrep_row(base, example, target, train, test, *, epochs, lr, seed) -> dict:
+def method_row(method, base, example, target, train, test, *, epochs, lr, seed) -> dict:
+    """A registered graphprune method at ``target``; one that trains gets ``epochs`` at ``lr``."""
+    trains = get_method(method).trains
     torch.manual_seed(seed)
     t = time.perf_counter()
+    training = dict(train_loader=train, epochs=epochs, lr=lr, progress=False) if trains else {}
     result = gp.compress(
         base,
-        "resrep",
+        method,
         example_inputs=example,
         flops_target=target,
         round_to=1,
-        train_loader=train,
         val_loader=test,
-        epochs=epochs,
-        lr=lr,
-        progress=False,
+        **training,
     )
-    extra = result.report.extra
+    report = result.report
     return {
-        "method": "graphprune ResRep",
+        "method": f"graphprune {method}",
         "target": target,
-        "macs_reduction": 1 - result.report.macs_ratio,
-        "acc_before_folding": extra["accuracy_before_folding"],
-        "acc_after_folding": extra["accuracy_after_folding"],
+        "macs_reduction": 1 - report.macs_ratio,
+        "acc_before_finalize": report.accuracy_before_finalize,
+        "acc_after_finalize": report.accuracy_after_finalize,
         "final_acc": evaluate(result.model, test),
-        "masked_rows_not_decayed": extra["masked_rows_not_decayed"],
+        "stats": report.stats_dict(),
         "seconds": time.perf_counter() - t,
     }
 
@@ -109,10 +116,10 @@ def peer_row(base, example, target, train, test, *, epochs, lr, seed, ignored) -
             "method": "Torch-Pruning group-L2 + fine-tune",
             "target": target,
             "macs_reduction": None,
-            "acc_before_folding": None,
-            "acc_after_folding": None,
+            "acc_before_finalize": None,
+            "acc_after_finalize": None,
             "final_acc": None,
-            "masked_rows_not_decayed": None,
+            "stats": None,
             "seconds": time.perf_counter() - t,
             "note": f"could not reach {target} of the MACs",
         }
@@ -122,19 +129,21 @@ def peer_row(base, example, target, train, test, *, epochs, lr, seed, ignored) -
         "method": "Torch-Pruning group-L2 + fine-tune",
         "target": target,
         "macs_reduction": 1 - gp.count_macs(best, example).macs / dense,
-        "acc_before_folding": None,
-        "acc_after_folding": None,
+        "acc_before_finalize": None,
+        "acc_after_finalize": None,
         "final_acc": evaluate(best, test),
-        "masked_rows_not_decayed": None,
+        "stats": None,
         "seconds": time.perf_counter() - t,
     }
 
 
-def compare(base, example, targets, train, test, *, epochs: int, seed: int) -> list[dict]:
-    """ResRep and the peer at each target, from copies of the same base model."""
+def compare(
+    base, example, targets, train, test, *, method: str, epochs: int, seed: int
+) -> list[dict]:
+    """A graphprune method and the peer at each target, from copies of the same base model."""
     rows = []
     for target in targets:
-        for row_fn in (resrep_row, peer_row):
+        for row_fn in (functools.partial(method_row, method), peer_row):
             extra = {"ignored": lambda m: [m.fc]} if row_fn is peer_row else {}
             row = row_fn(
                 copy.deepcopy(base),
@@ -164,8 +173,8 @@ def mean_rows(rows: list[dict]) -> list[dict]:
         avg = {"method": method, "target": target, "seeds": len(same)}
         for field in (
             "macs_reduction",
-            "acc_before_folding",
-            "acc_after_folding",
+            "acc_before_finalize",
+            "acc_after_finalize",
             "final_acc",
             "seconds",
         ):
@@ -183,7 +192,7 @@ def markdown(rows: list[dict], base_acc: float) -> str:
     lines = [
         f"base accuracy {base_acc:.2f}%",
         "",
-        "| method | MACs reduction | acc. before folding | acc. after folding | final acc. "
+        "| method | MACs reduction | acc. before finalize | acc. after finalize | final acc. "
         "| Δ vs base | time (s) |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -193,8 +202,8 @@ def markdown(rows: list[dict], base_acc: float) -> str:
             continue
         std = f" ± {r['final_acc_std']:.2f}" if r.get("seeds", 1) > 1 else ""
         lines.append(
-            f"| {r['method']} | {r['macs_reduction']:.1%} | {fmt(r['acc_before_folding'])} | "
-            f"{fmt(r['acc_after_folding'])} | {r['final_acc']:.2f}{std} | "
+            f"| {r['method']} | {r['macs_reduction']:.1%} | {fmt(r['acc_before_finalize'])} | "
+            f"{fmt(r['acc_after_finalize'])} | {r['final_acc']:.2f}{std} | "
             f"{r['final_acc'] - base_acc:+.2f} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines)

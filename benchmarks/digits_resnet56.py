@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import compare, machine, markdown, mean_rows, save, train_base
+from common import add_method_arg, compare, machine, markdown, mean_rows, save, train_base
 from torch.utils.data import DataLoader, Subset
 
 from graphprune.apps.data import load_digits_splits
@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--subset", type=int, default=None, help="use the first N training images")
     p.add_argument("--out", default=None)
+    add_method_arg(p)
     args = p.parse_args()
     train_set, test_set = load_digits_splits()
     if args.subset:
@@ -45,7 +46,9 @@ def main() -> None:
         base_acc, base_s = train_base(base, train, test, epochs=base_epochs, lr=0.1, seed=seed)
         bases.append(base_acc)
         print(f"seed {seed}: base {base_acc:.2f}% ({base_s:.0f} s)", flush=True)
-        rows += compare(base, example, args.targets, train, test, epochs=epochs, seed=seed)
+        rows += compare(
+            base, example, args.targets, train, test, method=args.method, epochs=epochs, seed=seed
+        )
     base_acc = sum(bases) / len(bases)
     table = markdown(mean_rows(rows), base_acc)
     name = f"digits_resnet56{'_subset' + str(args.subset) if args.subset else ''}"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import compare, machine, markdown, save, train_base
+from common import add_method_arg, compare, machine, markdown, save, train_base
 from torch.utils.data import DataLoader
 
 from graphprune.apps.data import load_fashion_mnist
@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--train-subset", type=int, default=10_000)
     p.add_argument("--base-epochs", type=int, default=6)
     p.add_argument("--epochs", type=int, default=4)
+    add_method_arg(p)
     args = p.parse_args()
     train_set, test_set = load_fashion_mnist(train_subset=args.train_subset or None)
     gen = torch.Generator().manual_seed(0)
@@ -43,7 +44,9 @@ def main() -> None:
         base = cifar_resnet(DEPTHS[name], num_classes=10, in_channels=1)
         base_acc, base_s = train_base(base, train, test, epochs=args.base_epochs, lr=0.1, seed=0)
         print(f"{name}: base {base_acc:.2f}% ({base_s:.0f} s)", flush=True)
-        rows = compare(base, example, args.targets, train, test, epochs=args.epochs, seed=0)
+        rows = compare(
+            base, example, args.targets, train, test, method=args.method, epochs=args.epochs, seed=0
+        )
         results[name] = {"base_acc": base_acc, "base_seconds": base_s, "rows": rows}
         tables.append(f"### {name}\n\n" + markdown(rows, base_acc))
     save(

@@ -5,9 +5,10 @@ Entry points copy the user's model (trace() does), so it is never mutated.
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, fields
 
 import torch
 from torch import fx, nn
@@ -15,11 +16,11 @@ from torch import fx, nn
 from graphprune.analysis import build_channel_graph
 from graphprune.errors import PlanError
 from graphprune.frontend.trace import example_inputs_of, trace
+from graphprune.methods import DEFAULT_METHOD, Method, MethodConfig, get_method, method_names
+from graphprune.methods.base import make_config
 from graphprune.planning.macs import count_macs
-from graphprune.planning.plan import check_flops_target
 from graphprune.report import CompressionReport, build_report
-
-METHODS = ("magnitude", "resrep")
+from graphprune.training.loop import evaluate, fit, iterations_per_epoch
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,27 +31,49 @@ class CompressionResult:
     report: CompressionReport
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainingOptions:
+    """How compress() trains a method that ``trains`` (all but ``val_loader`` apply only then).
+
+    ``val_loader`` measures top-1 accuracy right before and after the finalize passes (and per
+    epoch while training). ``train_step(model, batch) -> loss`` replaces ``loss_fn`` for models
+    that are not classifiers. ``checkpoint_dir``/``resume``: atomic per-epoch checkpoints."""
+
+    train_loader: Iterable | None = None
+    val_loader: Iterable | None = None
+    epochs: int | None = None
+    lr: float = 0.05
+    loss_fn: Callable | None = None
+    train_step: Callable | None = None
+    checkpoint_dir: str | os.PathLike | None = None
+    resume: bool = False
+    progress: bool = True
+
+
+TRAINING_OPTIONS = tuple(f.name for f in fields(TrainingOptions))
+
+
 def compress(
     model: nn.Module,
-    method: str = "magnitude",
+    method: str | MethodConfig = DEFAULT_METHOD,
     *,
     example_inputs: Sequence[torch.Tensor],
-    flops_target: float = 0.5,
-    round_to: int = 8,
     leaf_modules: Iterable[type[nn.Module]] = (),
     strict: bool = False,
     verify: bool = False,
     **options: object,
 ) -> CompressionResult:
-    """Prune ``model`` until its MACs are ``flops_target`` x the dense MACs.
+    """Prune ``model`` with ``method`` (a registered name, or a config instance such as
+    ``ResRepConfig(flops_target=0.3)``) until its MACs are ``flops_target`` x the dense MACs.
 
-    ``flops_target`` is remaining MACs / dense MACs, as in the papers (0.5 = half the MACs).
-    ``round_to`` rounds kept widths up to hardware-friendly multiples. Method-specific
-    options (e.g. ResRep's ``train_loader``, ``epochs``) pass through ``options``.
+    ``options`` are the method's config fields (every method: ``flops_target``, remaining MACs
+    / dense MACs as in the papers, and ``round_to``; ``graphprune methods`` lists the rest)
+    and the TrainingOptions. The stages: trace, analyze, build the method (its prepare passes
+    run), train through its hooks if it trains, run its finalize passes, report.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    check_flops_target(flops_target)
+    cls = get_method(method)
+    config, training = _split_options(cls, method, options)
+    iters = iterations_per_epoch(training.train_loader) if cls.trains else None
     start = time.perf_counter()
     gm = trace(model, example_inputs, leaf_modules=leaf_modules)
     graph = build_channel_graph(gm, strict=strict)
@@ -59,42 +82,84 @@ def compress(
     if not any(g.prunable for g in groups):
         reasons = "; ".join(sorted({r for g in groups for r in g.reasons}))
         raise PlanError(f"{type(model).__name__} has no prunable channel group ({reasons})")
-    if method == "magnitude":
-        from graphprune.methods.magnitude import compress_magnitude
-
-        if options:
-            raise TypeError(f"magnitude takes no options {sorted(options)}")
-        pruned, stats, extra = compress_magnitude(
-            gm,
-            flops_target=flops_target,
-            round_to=round_to,
-            layer_macs=dense.per_layer,
-            graph=graph,
-            verify=verify,
-        )
-    else:
-        from graphprune.methods.resrep import compress_resrep
-
-        pruned, stats, extra = compress_resrep(
-            gm,
-            flops_target=flops_target,
-            round_to=round_to,
-            layer_macs=dense.per_layer,
-            verify=verify,
-            **options,
-        )
+    m = cls(
+        gm,
+        config,
+        total_iters=None if iters is None else iters * training.epochs,  # type: ignore[operator]
+        iters_per_epoch=iters,
+        lr=training.lr if cls.trains else None,
+        graph=graph,
+        layer_macs=dense.per_layer,
+        verify=verify,
+    )
+    train_seconds = _train(m, training) if cls.trains else None
+    val = training.val_loader
+    accuracy_before = evaluate(m.model, val) if val is not None else None
+    pruned = m.finalize(verify=verify)
     pruned.eval()
     report = build_report(
-        method,
-        flops_target,
-        dense,
-        count_macs(pruned, example_inputs_of(gm)),
-        groups,
-        dict(stats.get("widths", {})),
-        time.perf_counter() - start,
-        extra,
+        method=cls.name,
+        config=config.to_dict(),
+        before=dense,
+        after=count_macs(pruned, example_inputs_of(gm)),
+        groups=groups,
+        widths_after=m.widths,
+        seconds=time.perf_counter() - start,
+        train_seconds=train_seconds,
+        accuracy_before_finalize=accuracy_before,
+        accuracy_after_finalize=evaluate(pruned, val) if val is not None else None,
+        stats=m.stats(),
     )
     return CompressionResult(pruned, report)
+
+
+def _split_options(
+    cls: type[Method], method: str | MethodConfig, options: dict[str, object]
+) -> tuple[MethodConfig, TrainingOptions]:
+    """The method's config and the training options; anything else is a TypeError naming
+    every valid option, and training options for a method that does not train are too."""
+    config_names = [o.name for o in cls.config_class.options()]
+    unknown = sorted(set(options) - set(config_names) - set(TRAINING_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"compress() got unknown option(s) {', '.join(unknown)} for method {cls.name!r}; "
+            f"its config takes {', '.join(config_names)}; training takes "
+            f"{', '.join(TRAINING_OPTIONS)}"
+        )
+    training = {k: v for k, v in options.items() if k in TRAINING_OPTIONS}
+    if not cls.trains and set(training) - {"val_loader"}:
+        trainers = [n for n in method_names() if get_method(n).trains]
+        raise TypeError(
+            f"{cls.name} does not train, so {', '.join(sorted(set(training) - {'val_loader'}))} "
+            f"do not apply (methods that train: {', '.join(trainers) or 'none'})"
+        )
+    base = method if isinstance(method, MethodConfig) else None
+    config = make_config(cls, base, {k: v for k, v in options.items() if k in config_names})
+    t = TrainingOptions(**training)  # type: ignore[arg-type]
+    if cls.trains and (t.train_loader is None or t.epochs is None):
+        raise TypeError(f"{cls.name} trains: compress() needs train_loader= and epochs=")
+    return config, t
+
+
+def _train(m: Method, t: TrainingOptions) -> float:
+    """Train ``m.model`` in place through the method's hooks; returns the seconds it took."""
+    extra = {"loss_fn": t.loss_fn} if t.loss_fn is not None else {}
+    history = fit(
+        m.model,
+        t.train_loader,  # type: ignore[arg-type]
+        epochs=t.epochs,  # type: ignore[arg-type]
+        lr=t.lr,
+        param_groups=m.param_groups(t.lr),
+        hooks=m,
+        train_step=t.train_step,
+        val_loader=t.val_loader,
+        checkpoint_dir=t.checkpoint_dir,
+        resume=t.resume,
+        progress=t.progress,
+        desc=m.name,
+        **extra,
+    )
+    return history.seconds
 
 
 def export(

@@ -1,10 +1,14 @@
-"""What a compression did, in numbers: MACs, params, widths, and method-specific extras."""
+"""What a compression did, in numbers: MACs, params, widths, accuracy, and the method's stats.
+
+Nothing here knows a method: the config is rendered as a dict and the stats, a frozen
+dataclass of the method's choosing, field by field.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 
 from graphprune.analysis import ChannelGroup
 from graphprune.planning.macs import MacsReport
@@ -18,9 +22,13 @@ class GroupWidth:
     after: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CompressionReport:
-    """MACs follow the convention of ALGORITHMS.md: conv + linear multiply-accumulates."""
+    """MACs follow the convention of ALGORITHMS.md: conv + linear multiply-accumulates.
+
+    ``accuracy_*`` are top-1 percentages on the ``val_loader`` given to compress (None without
+    one): right before the finalize passes and after them. ``stats`` is the method's own
+    frozen dataclass (None if it has none)."""
 
     method: str
     flops_target: float
@@ -30,12 +38,21 @@ class CompressionReport:
     pruned_params: int
     widths: tuple[GroupWidth, ...]
     seconds: float
-    extra: dict[str, object] = field(default_factory=dict)
+    config: dict[str, object] = field(default_factory=dict)
+    train_seconds: float | None = None
+    accuracy_before_finalize: float | None = None
+    accuracy_after_finalize: float | None = None
+    stats: object | None = None
 
     @property
     def macs_ratio(self) -> float:
         """Remaining MACs / dense MACs (the quantity flops_target asks for)."""
         return self.pruned_macs / self.dense_macs
+
+    def stats_dict(self) -> dict[str, object]:
+        """The method's stats as a flat name -> value dict ({} when it has none)."""
+        s = self.stats
+        return {f.name: getattr(s, f.name) for f in fields(s)} if is_dataclass(s) else {}
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)
@@ -54,10 +71,16 @@ class CompressionReport:
             f"  params {self.dense_params / 1e6:10.4f} M -> {self.pruned_params / 1e6:10.4f} M "
             f"({1 - self.pruned_params / self.dense_params:.1%} fewer)",
         ]
-        for key, value in self.extra.items():
-            lines.append(
-                f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}"
-            )
+        generic = {
+            "train_seconds": self.train_seconds,
+            "accuracy_before_finalize": self.accuracy_before_finalize,
+            "accuracy_after_finalize": self.accuracy_after_finalize,
+        }
+        for key, value in {**generic, **self.stats_dict()}.items():
+            if value is not None:
+                lines.append(
+                    f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}"
+                )
         lines.append("  group  width           producers")
         for w in self.widths:
             lines.append(f"  {w.id:5d}  {w.before:5d} -> {w.after:<5d}  {', '.join(w.producers)}")
@@ -65,14 +88,18 @@ class CompressionReport:
 
 
 def build_report(
+    *,
     method: str,
-    flops_target: float,
+    config: dict[str, object],
     before: MacsReport,
     after: MacsReport,
     groups: Sequence[ChannelGroup],
     widths_after: dict[int, int],
     seconds: float,
-    extra: dict[str, object] | None = None,
+    train_seconds: float | None = None,
+    accuracy_before_finalize: float | None = None,
+    accuracy_after_finalize: float | None = None,
+    stats: object | None = None,
 ) -> CompressionReport:
     widths = tuple(
         GroupWidth(g.id, g.producers, g.channels, widths_after.get(g.id, g.channels))
@@ -80,13 +107,17 @@ def build_report(
         if g.prunable
     )
     return CompressionReport(
-        method,
-        flops_target,
-        before.macs,
-        after.macs,
-        before.params,
-        after.params,
-        widths,
-        seconds,
-        dict(extra or {}),
+        method=method,
+        flops_target=float(config["flops_target"]),  # type: ignore[arg-type]
+        dense_macs=before.macs,
+        pruned_macs=after.macs,
+        dense_params=before.params,
+        pruned_params=after.params,
+        widths=widths,
+        seconds=seconds,
+        config=config,
+        train_seconds=train_seconds,
+        accuracy_before_finalize=accuracy_before_finalize,
+        accuracy_after_finalize=accuracy_after_finalize,
+        stats=stats,
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -185,6 +186,15 @@ def load_fashion_mnist(
 
 
 DATASETS = ("digits", "fashion-mnist")
+
+
+def num_classes(loader: Iterable) -> int:
+    """Classes of a classification loader: its largest label + 1 (labels are 0..k-1). Read
+    from a TensorDataset's label tensor directly, else by one pass over the batches."""
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+        return int(dataset.tensors[1].max()) + 1
+    return max(int(batch[1].max()) for batch in loader) + 1
 
 
 def loaders_for(

@@ -2,7 +2,7 @@
 
 1. Train a CIFAR-style ResNet-56 on scikit-learn's handwritten digits (upsampled to 16x16,
    fixed stratified split with 360 test images), or load the cached base checkpoint.
-2. Compress it with ResRep to a MACs target.
+2. Compress it to a MACs target with a registered method (ResRep unless told otherwise).
 3. Export dense and pruned models to ONNX, check ONNX Runtime parity, time both.
 4. Print and save the report (report.json, report.md) in the output folder.
 """
@@ -23,10 +23,12 @@ from graphprune.backends.ort import parity
 from graphprune.backends.timing import measure
 from graphprune.errors import TrainingError
 from graphprune.io import atomic_save
+from graphprune.methods import get_method
 from graphprune.planning.macs import count_macs
 from graphprune.training.loop import evaluate, fit
 
-BASE_LR, RESREP_LR, BATCH = 0.1, 0.05, 32
+BASE_LR, METHOD_LR, BATCH = 0.1, 0.05, 32
+DEMO_METHOD = "resrep"  # trains the pruned model losslessly; any registered name works
 
 
 def _base_model(out: Path, train, test, epochs: int):
@@ -61,35 +63,45 @@ def _base_model(out: Path, train, test, epochs: int):
 
 def run_demo(
     *,
+    method: str = DEMO_METHOD,
     flops_target: float = 0.3,
     epochs: int = 12,
     out: Path = Path("runs/demo"),
     base_epochs: int = 15,
 ) -> dict:
     start = time.perf_counter()
+    cls = get_method(method)
     out.mkdir(parents=True, exist_ok=True)
     train, test = loaders_for("digits", batch_size=BATCH)
-    if epochs * len(train) < 300:
-        raise TrainingError(f"epochs={epochs}: ResRep needs >= 300 iterations ({len(train)}/epoch)")
+    if cls.trains and epochs * len(train) < cls.min_iters:
+        raise TrainingError(
+            f"epochs={epochs}: {cls.name} needs >= {cls.min_iters} iterations ({len(train)}/epoch)"
+        )
     base = _base_model(out, train, test, base_epochs).eval()
     example = (next(iter(test))[0][:1],)
     base_acc = evaluate(base, test)
     print(f"      base accuracy {base_acc:.2f}% on {len(test.dataset)} test images")
 
-    print(f"[2/4] ResRep to {flops_target:.2f} of the MACs ({epochs} epochs, lr {RESREP_LR})")
+    training: dict[str, object] = {}
+    if cls.trains:
+        training = dict(
+            train_loader=train,
+            epochs=epochs,
+            lr=METHOD_LR,
+            # One checkpoint folder per setting: resuming never mixes runs with other targets.
+            checkpoint_dir=out / f"{cls.name}_target{flops_target}_epochs{epochs}",
+            resume=True,
+        )
+    how = f" ({epochs} epochs, lr {METHOD_LR})" if cls.trains else ""
+    print(f"[2/4] {cls.name} to {flops_target:.2f} of the MACs{how}")
     torch.manual_seed(0)
     result = compress(
         base,
-        "resrep",
+        cls.name,
         example_inputs=example,
         flops_target=flops_target,
-        train_loader=train,
         val_loader=test,
-        epochs=epochs,
-        lr=RESREP_LR,
-        # One checkpoint folder per setting: resuming never mixes runs with other targets.
-        checkpoint_dir=out / f"resrep_target{flops_target}_epochs{epochs}",
-        resume=True,
+        **training,
     )
     pruned = result.model.eval()
     pruned_acc = evaluate(pruned, test)
@@ -109,8 +121,9 @@ def run_demo(
         "data": "scikit-learn digits, 1437 train / 360 test, stratified, random_state=0",
         "flops_target": flops_target,
         "base_accuracy": base_acc,
-        "accuracy_before_folding": result.report.extra.get("accuracy_before_folding"),
-        "accuracy_after_folding": result.report.extra.get("accuracy_after_folding"),
+        "method": cls.name,
+        "accuracy_before_finalize": result.report.accuracy_before_finalize,
+        "accuracy_after_finalize": result.report.accuracy_after_finalize,
         "pruned_accuracy": pruned_acc,
         "dense_macs": dense_macs.macs,
         "pruned_macs": result.report.pruned_macs,
@@ -125,7 +138,8 @@ def run_demo(
             }
             for k, v in lat.items()
         },
-        "resrep": result.report.extra,
+        "method_config": result.report.config,
+        "method_stats": result.report.stats_dict(),
         "seconds": round(time.perf_counter() - start, 1),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
@@ -154,9 +168,10 @@ def _format(r: dict, lat: dict) -> str:
         )
     lines += [
         "",
-        f"MACs reduction {r['macs_reduction']:.1%} (target {1 - r['flops_target']:.0%} fewer); "
-        f"accuracy right before folding {r['accuracy_before_folding']:.2f}%, after folding "
-        f"{r['accuracy_after_folding']:.2f}% (folding is lossless); ONNX Runtime max abs diff "
+        f"{r['method']}: MACs reduction {r['macs_reduction']:.1%} "
+        f"(target {1 - r['flops_target']:.0%} fewer); accuracy right before the finalize passes "
+        f"{r['accuracy_before_finalize']:.2f}%, after them {r['accuracy_after_finalize']:.2f}%; "
+        "ONNX Runtime max abs diff "
         f"dense {r['onnx_max_abs_diff']['dense']:.1e}, "
         f"pruned {r['onnx_max_abs_diff']['pruned']:.1e}; "
         f"{r['seconds']:.0f} s in all.",

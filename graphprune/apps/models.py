@@ -8,6 +8,7 @@ can trace every one of them without leaf-module special cases.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 
 from graphprune.testing import zoo
 
-ModelFactory = Callable[[], tuple[nn.Module, tuple[Tensor, ...]]]
+ModelFactory = Callable[..., tuple[nn.Module, tuple[Tensor, ...]]]
 
 
 def _init_weights(model: nn.Module) -> None:
@@ -249,13 +250,22 @@ def mobilenet_v2(num_classes: int = 1000, width_mult: float = 1.0) -> MobileNetV
 # --- Registry ---
 
 
-def _factory(build: Callable[[], nn.Module], shape: tuple[int, ...]) -> ModelFactory:
-    """Seeded so every call yields the same weights and the same example input."""
+def _factory(build: Callable[..., nn.Module], shape: tuple[int, ...]) -> ModelFactory:
+    """Seeded so every call yields the same weights and the same example input.
 
-    def make() -> tuple[nn.Module, tuple[Tensor, ...]]:
+    ``in_channels`` / ``num_classes`` build the model for other data, when ``build`` takes
+    them (the example input follows ``in_channels``); None keeps the default."""
+    takes = set(inspect.signature(build).parameters)
+
+    def make(
+        *, in_channels: int | None = None, num_classes: int | None = None
+    ) -> tuple[nn.Module, tuple[Tensor, ...]]:
+        wanted = {"in_channels": in_channels, "num_classes": num_classes}
+        kwargs = {k: v for k, v in wanted.items() if v is not None and k in takes}
         torch.manual_seed(0)
-        model = build().eval()
-        return model, (torch.randn(*shape),)
+        model = build(**kwargs).eval()
+        channels = kwargs.get("in_channels", shape[1])
+        return model, (torch.randn(shape[0], channels, *shape[2:]),)
 
     return make
 
@@ -274,14 +284,17 @@ BUILTIN_MODELS: dict[str, ModelFactory] = {
 }
 
 
-def get_model(name: str) -> tuple[nn.Module, tuple[Tensor, ...]]:
+def get_model(
+    name: str, *, in_channels: int | None = None, num_classes: int | None = None
+) -> tuple[nn.Module, tuple[Tensor, ...]]:
     """Resolve a built-in name or ``"package.module:factory"`` to (model, example_inputs).
 
     A user factory must return ``(model, example_inputs)``: graphprune traces with real shapes
-    and cannot guess an input for an arbitrary module.
+    and cannot guess an input for an arbitrary module. ``in_channels``/``num_classes`` build a
+    built-in model for other data where its builder takes them; a factory's model is as given.
     """
     if name in BUILTIN_MODELS:
-        return BUILTIN_MODELS[name]()
+        return BUILTIN_MODELS[name](in_channels=in_channels, num_classes=num_classes)
     if ":" not in name:
         known = ", ".join(sorted(BUILTIN_MODELS))
         raise ValueError(

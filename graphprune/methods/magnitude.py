@@ -7,45 +7,34 @@ lowest first, until the remaining MACs reach the target. No training.
 
 from __future__ import annotations
 
-from functools import partial
+from dataclasses import dataclass
 
-from torch import fx
+import numpy as np
 
-from graphprune.analysis import ChannelGraph, build_channel_graph
-from graphprune.frontend.trace import example_inputs_of
-from graphprune.passes import prune_channels
-from graphprune.passes.runner import run_passes
-from graphprune.planning.macs import count_macs
-from graphprune.planning.selection import l2_scores, normalized, select_channels
+from graphprune.methods.base import Method, MethodConfig, register_method
+from graphprune.planning.selection import l2_scores, normalized
 
 
-def plan_magnitude(
-    gm: fx.GraphModule,
-    flops_target: float,
-    round_to: int,
-    layer_macs: dict[str, int] | None = None,
-    graph: ChannelGraph | None = None,
-):
-    """The plan (group id -> kept channels) and the scores it was chosen by. ``graph`` and
-    ``layer_macs`` may be passed when the caller already has them for this ``gm``."""
-    graph = graph or build_channel_graph(gm)
-    scores = normalized(l2_scores(gm, graph))
-    if layer_macs is None:
-        layer_macs = count_macs(gm, example_inputs_of(gm)).per_layer
-    plan = select_channels(graph, scores, layer_macs, flops_target, round_to=round_to)
-    return plan, scores
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MagnitudeConfig(MethodConfig):
+    """The common options only: the target and the width rounding."""
 
 
-def compress_magnitude(
-    gm: fx.GraphModule,
-    *,
-    flops_target: float,
-    round_to: int = 8,
-    layer_macs: dict[str, int] | None = None,
-    graph: ChannelGraph | None = None,
-    verify: bool = False,
-):
-    plan, scores = plan_magnitude(gm, flops_target, round_to, layer_macs, graph)
-    prune = partial(prune_channels, plan=plan, scores=scores, round_to=round_to)
-    result = run_passes(gm, [prune], verify=verify)
-    return result.gm, result.stats["prune_channels"], {}
+@dataclass(frozen=True, slots=True)
+class MagnitudeStats:
+    removed_channels: int  # summed over groups, before the pruned model is re-measured
+
+
+@register_method
+class Magnitude(Method):
+    """One-shot: rank each group's channels by weight norm, prune globally to the MACs target."""
+
+    name = "magnitude"
+    config_class = MagnitudeConfig
+
+    def scores(self) -> dict[int, np.ndarray]:
+        return normalized(l2_scores(self.model, self.graph))
+
+    def stats(self) -> MagnitudeStats:
+        removed = (self.pass_stats.get("prune_channels") or {}).get("removed_channels", 0)
+        return MagnitudeStats(removed_channels=int(removed))  # type: ignore[arg-type]

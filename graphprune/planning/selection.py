@@ -10,7 +10,7 @@ pruned model is always re-measured with FlopCounterMode; the model only guides t
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -107,17 +107,7 @@ def select_channels(
     check_flops_target(flops_target)
     plan, reached = walk(graph, scores, layer_macs, flops_target, round_to=round_to)
     if not reached:
-        model = MacsModel(graph, layer_macs)
-        for gid in scores:
-            n = graph.groups[gid].channels
-            model.set_kept(gid, rounded_width(1, n, round_to, tied=is_tied(graph, gid)))
-        floor = model.macs / model.dense
-        raise PlanError(
-            f"flops_target={flops_target} is out of reach: keeping one channel per prunable "
-            f"group (rounded up to a multiple of round_to={round_to}) still leaves "
-            f"{floor:.3f} of the dense MACs; ask for at least {floor:.3f}, lower round_to, "
-            "or make more layers prunable"
-        )
+        raise out_of_reach(graph, layer_macs, scores, flops_target, round_to)
     return keep_every_member_alive(graph, plan, scores)
 
 
@@ -162,6 +152,31 @@ def walk(
             best = np.argsort(-np.asarray(arr), kind="stable")[:keep]
             plan[gid] = np.sort(best)
     return plan, model.macs <= target * (1 + 1e-9)
+
+
+def out_of_reach(
+    graph: ChannelGraph,
+    layer_macs: Mapping[str, int],
+    gids: Iterable[int],
+    flops_target: float,
+    round_to: int,
+    *,
+    who: str = "",
+) -> PlanError:
+    """The error for a target below the floor: the MACs left when each of the groups ``gids``
+    (those the method can prune) keeps one channel, rounded up as the pruner would."""
+    model = MacsModel(graph, layer_macs)
+    gids = list(gids)
+    for gid in gids:
+        n = graph.groups[gid].channels
+        model.set_kept(gid, rounded_width(1, n, round_to, tied=is_tied(graph, gid)))
+    floor = model.macs / model.dense
+    return PlanError(
+        f"flops_target={flops_target} is out of reach{f' for {who}' if who else ''}: keeping "
+        f"one channel in each of the {len(gids)} groups it can prune (rounded up to a multiple "
+        f"of round_to={round_to}) still leaves {floor:.3f} of the dense MACs; ask for at least "
+        f"{floor:.3f}, lower round_to, or make more layers prunable"
+    )
 
 
 def normalized(scores: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:

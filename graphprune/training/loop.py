@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,16 +30,43 @@ class History:
     seconds: float = 0.0
 
 
-def default_param_groups(model: nn.Module, weight_decay: float = 1e-4) -> list[dict]:
-    """Weight decay on conv/linear weights only; norms and biases get none."""
+def default_param_groups(
+    model: nn.Module,
+    weight_decay: float = 1e-4,
+    *,
+    lr: float | None = None,
+    momentum: float | None = None,
+    extra: Sequence[dict] = (),
+) -> list[dict]:
+    """Weight decay on conv/linear weights only; norms and biases get none.
+
+    ``extra`` groups (e.g. a method's compactors) keep their own settings and come last; their
+    parameters are left out of the two default groups. ``lr`` and ``momentum``, when given, are
+    set on every group that does not set its own (an optimizer's defaults fill in the rest).
+    """
+    own = {id(p) for g in extra for p in g["params"]}
     decay, no_decay = [], []
     for p in model.parameters():
-        if p.requires_grad:
+        if p.requires_grad and id(p) not in own:
             (decay if p.dim() > 1 else no_decay).append(p)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
+        *({**g, "params": list(g["params"])} for g in extra),
     ]
+    for key, value in (("lr", lr), ("momentum", momentum)):
+        if value is not None:
+            for g in groups:
+                g.setdefault(key, value)
+    return groups
+
+
+def iterations_per_epoch(train_loader: Iterable) -> int:
+    """``len(train_loader)``; an empty loader is a TrainingError, not a silent no-op."""
+    n = len(train_loader)  # type: ignore[arg-type]
+    if n == 0:
+        raise TrainingError("train_loader is empty: it yields no batch to train on")
+    return n
 
 
 def cosine_lr(base: float, iteration: int, total: int, warmup: int = 0) -> float:
@@ -83,9 +110,7 @@ def fit(
     that are not classifiers. Each param group may carry its own ``momentum``. The lr follows
     a cosine from ``lr`` to 0 per iteration, after ``warmup_epochs`` of linear warm-up (deep
     ResNets trained from scratch at lr 0.1 need it)."""
-    iters_per_epoch = len(train_loader)  # type: ignore[arg-type]
-    if iters_per_epoch == 0:
-        raise TrainingError("train_loader is empty: it yields no batch to train on")
+    iters_per_epoch = iterations_per_epoch(train_loader)
     if epochs < 1:
         raise ValueError(f"epochs={epochs}: train for at least one epoch")
     groups = param_groups if param_groups is not None else default_param_groups(model)
