@@ -71,8 +71,10 @@ class Backend:
     """Base class of a backend; subclass it, set the class attributes, register it.
 
     ``export(model, example_inputs, path, fp16=..., **options)`` writes the artifact at ``path``
-    (the caller's model is never mutated) and returns the path; ``runner(artifact, ...)`` loads
-    it. ``install`` is the line an unavailable backend's error gives as the fix.
+    (the caller's model is never mutated) and returns the path; ``runner(artifact, threads=None,
+    **options)`` loads it. ``threads`` is the CPU intra-op thread count where the runtime has
+    one (None: its default); GPU runtimes accept and ignore it, and say ``threads=None`` in
+    their records. ``install`` is the line an unavailable backend's error gives as the fix.
     """
 
     name: ClassVar[str]

@@ -37,7 +37,8 @@ class TrtRunner:
     backend = "tensorrt"
     threads = None
 
-    def __init__(self, engine_path: str | Path) -> None:
+    def __init__(self, engine_path: str | Path, *, threads: int | None = None) -> None:
+        del threads  # GPU work: no CPU thread count applies (records say threads=None)
         self.engine_path = Path(engine_path)
         self.meta = read_sidecar(self.engine_path)
         trt = import_tensorrt(command_from_sidecar(self.engine_path, self.meta))

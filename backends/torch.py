@@ -72,7 +72,8 @@ class TorchRunner:
     replaced). ``fp16``, ``channels_last`` and ``cuda_graphs`` are CUDA-only: on CPU they are
     slow paths or unsupported, and a number measured that way would mislead, so they raise
     ValueError. ``compile`` with ``cuda_graphs`` uses torch.compile's "reduce-overhead" mode,
-    which captures CUDA graphs itself.
+    which captures CUDA graphs itself. ``threads`` (CPU) sets torch's intra-op thread count,
+    which is one setting for the whole process: torch has a single pool.
     """
 
     backend = "torch"
@@ -87,6 +88,7 @@ class TorchRunner:
         channels_last: bool = False,
         cuda_graphs: bool = False,
         compile: bool = False,
+        threads: int | None = None,
     ) -> None:
         dev = torch.device(device)
         cuda_only = [
@@ -120,6 +122,10 @@ class TorchRunner:
             self.threads: int | None = None
             self.clock: Any = CudaClock()
         else:
+            if threads is not None:
+                if threads < 1:
+                    raise ValueError(f"threads must be >= 1, got {threads}")
+                torch.set_num_threads(threads)
             self.device, self.threads, self.clock = cpu_name(), torch.get_num_threads(), host_clock
 
     def run(self, *inputs: torch.Tensor) -> list[Any]:

@@ -71,8 +71,12 @@ class TorchExportBackend(Backend):
         torch.export.save(program, str(path))
         return Path(path)
 
-    def runner(self, artifact: str | Path | nn.Module, **options: Any) -> ExportedProgramRunner:
-        return ExportedProgramRunner(self.artifact_path(artifact), **options)
+    def runner(
+        self, artifact: str | Path | nn.Module, *, threads: int | None = None
+    ) -> ExportedProgramRunner:
+        if threads is not None:
+            torch.set_num_threads(threads)  # torch has one intra-op pool per process
+        return ExportedProgramRunner(self.artifact_path(artifact))
 
 
 def main() -> dict[str, float]:

@@ -163,6 +163,24 @@ def test_importing_graphprune_needs_no_optional_backend() -> None:
     assert proc.returncode == 0, proc.stderr
 
 
+def test_bench_refuses_unreadable_artifacts_before_exporting_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from graphprune.apps.bench import bench
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes `import tensorrt` fail
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"an engine")
+    with pytest.raises(BackendUnavailableError, match=r"tensorrt.*pip install 'graphprune\["):
+        bench(["resnet20", str(engine)])
+    with pytest.raises(ValueError, match=r"no backend reads \.tflite .*\.onnx \(onnx\)"):
+        bench(["resnet20", str(tmp_path / "m.tflite")])
+    with pytest.raises(FileNotFoundError, match="missing.onnx"):
+        bench(["resnet20", str(tmp_path / "missing.onnx")])
+    with pytest.raises(ValueError, match="unknown backend 'tvm'"):
+        bench(["resnet20"], backend="tvm")
+
+
 # --- the recipe: a toy backend through export, runner lookup, measure and the CLI ---------------
 
 
