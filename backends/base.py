@@ -108,7 +108,9 @@ class Backend:
     ) -> Path:
         raise NotImplementedError(f"the {self.name} backend cannot export")
 
-    def runner(self, artifact: str | Path | nn.Module, **options: Any) -> Runner:
+    def runner(
+        self, artifact: str | Path | nn.Module, *, threads: int | None = None, **options: Any
+    ) -> Runner:
         raise NotImplementedError(f"the {self.name} backend has no runner")
 
     def artifact_path(self, artifact: str | Path | nn.Module) -> Path:

@@ -34,7 +34,7 @@ from torch import nn
 
 from graphprune.errors import ExportError
 
-from .base import Backend, register_backend
+from .base import Backend, Runner, register_backend
 
 __all__ = ["OnnxBackend", "cleanup_onnx", "export_onnx", "graph_precision", "io_names"]
 
@@ -326,8 +326,10 @@ class OnnxBackend(Backend):
         """See :func:`export_onnx` (options: dynamic_batch, legacy, opset)."""
         return export_onnx(model, example_inputs, path, fp16=fp16, **options)
 
-    def runner(self, artifact: str | Path | nn.Module, *, threads: int | None = None) -> Any:
+    def runner(
+        self, artifact: str | Path | nn.Module, *, threads: int | None = None, **options: Any
+    ) -> Runner:
         """An :class:`~.ort.OrtRunner` at ``threads`` intra-op threads (default: all CPUs)."""
         from .ort import OrtRunner
 
-        return OrtRunner(self.artifact_path(artifact), threads=threads)
+        return OrtRunner(self.artifact_path(artifact), threads=threads, **options)

@@ -48,7 +48,7 @@ class OrtRunner:
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         self.path = Path(path)
-        self.threads = int(threads) if threads else available_cpus()
+        self.threads: int | None = int(threads) if threads is not None else available_cpus()
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         options = ort.SessionOptions()

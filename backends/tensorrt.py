@@ -85,7 +85,10 @@ class TensorRTBackend(Backend):
         )
         return build_engine(onnx_path, engine_path, fp16=fp16, **options)
 
-    def runner(self, artifact: str | Path | nn.Module, **options: Any) -> TrtRunner:
+    def runner(
+        self, artifact: str | Path | nn.Module, *, threads: int | None = None, **options: Any
+    ) -> TrtRunner:
+        """A :class:`~.tensorrt_runner.TrtRunner`; ``threads`` does not apply on the GPU."""
         from .tensorrt_runner import TrtRunner
 
         return TrtRunner(self.artifact_path(artifact), **options)
@@ -133,9 +136,16 @@ def build_engine(
         raise FileNotFoundError(f"no ONNX file at {onnx_path}; export it with export_onnx first")
     graph_fp16 = graph_precision(onnx.load(str(onnx_path), load_external_data=False)) == "fp16"
     shape = {"min_batch": min_batch, "opt_batches": opts, "max_batch": max_batch}
-    trt = import_tensorrt(trtexec_command(onnx_path, engine_path, fp16=fp16, **shape))
+
+    def command(weak_typing: bool | None) -> str:
+        return trtexec_command(
+            onnx_path, engine_path, min_batch=min_batch, opt_batches=opts, max_batch=max_batch,
+            fp16=fp16, weak_typing=weak_typing,
+        )  # fmt: skip
+
+    trt = import_tensorrt(command(None))
     weak = hasattr(trt.BuilderFlag, "FP16")  # 10.x; 11.x is strongly typed only
-    cmd = trtexec_command(onnx_path, engine_path, fp16=fp16, weak_typing=weak, **shape)
+    cmd = command(weak)
     if not torch.cuda.is_available():
         raise BackendUnavailableError(
             f"TensorRT needs a CUDA device; torch sees none. On a GPU "

@@ -16,6 +16,7 @@ import torch
 
 from graphprune.errors import BackendUnavailableError, ExportError
 
+from .base import Clock
 from .tensorrt import check_batch, command_from_sidecar, import_tensorrt, read_sidecar
 from .timing import CudaClock
 
@@ -34,11 +35,10 @@ class TrtRunner:
     switches profiles; a batch runs on the profile tuned for it (see :func:`choose_profile`).
     """
 
-    backend = "tensorrt"
-    threads = None
+    backend: str = "tensorrt"
+    threads: int | None = None  # GPU work: no CPU thread count applies
 
-    def __init__(self, engine_path: str | Path, *, threads: int | None = None) -> None:
-        del threads  # GPU work: no CPU thread count applies (records say threads=None)
+    def __init__(self, engine_path: str | Path) -> None:
         self.engine_path = Path(engine_path)
         self.meta = read_sidecar(self.engine_path)
         trt = import_tensorrt(command_from_sidecar(self.engine_path, self.meta))
@@ -59,12 +59,12 @@ class TrtRunner:
         self.input_names = [n for n in names if is_input[n]]
         self.output_names = [n for n in names if not is_input[n]]
         first = self.input_names[0]
-        self.profiles = [
-            tuple(int(s[0]) for s in self.engine.get_tensor_profile_shape(first, k))
-            for k in range(self.engine.num_optimization_profiles)
-        ]
+        self.profiles: list[tuple[int, int, int]] = []
+        for k in range(self.engine.num_optimization_profiles):
+            lo, opt, hi = self.engine.get_tensor_profile_shape(first, k)
+            self.profiles.append((int(lo[0]), int(opt[0]), int(hi[0])))
         self.stream = torch.cuda.Stream()
-        self.clock = CudaClock(self.stream)
+        self.clock: Clock = CudaClock(self.stream)
         self.device = f"cuda ({torch.cuda.get_device_name()})"
         self._contexts: dict[int, Any] = {}
         self._buffers: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
