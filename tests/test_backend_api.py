@@ -7,7 +7,7 @@ warm-up and settle passes are counted, and medians/p90s compared with hand-compu
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -185,16 +185,20 @@ def test_bench_refuses_unreadable_artifacts_before_exporting_anything(
 
 
 @pytest.fixture
-def torch_export_backend() -> Iterator[Backend]:
-    spec = importlib.util.spec_from_file_location(
-        "custom_backend", ROOT / "examples" / "custom_backend.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # registers it
+def examples_on_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """examples/ importable (as a plugin would be); the toy backend gone again afterwards."""
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
     try:
-        yield get_backend("torch_export")
+        yield
     finally:
         unregister_backend("torch_export")
+        sys.modules.pop("custom_backend", None)  # a later import registers it afresh
+
+
+@pytest.fixture
+def torch_export_backend(examples_on_path: None) -> Backend:
+    importlib.import_module("custom_backend")  # importing the module registers the backend
+    return get_backend("torch_export")
 
 
 def test_a_registered_toy_backend_exports_runs_and_times(
@@ -213,11 +217,15 @@ def test_a_registered_toy_backend_exports_runs_and_times(
     assert stats[2][0].backend == "torch.export" and stats[2][0].runs == 3
 
 
-def test_the_cli_offers_a_registered_backend_and_forgets_an_unregistered_one(
-    torch_export_backend: Backend, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_the_cli_offers_a_plugin_backend_and_forgets_an_unregistered_one(
+    examples_on_path: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "m.pt2"
-    assert main(["export", "resnet_basic", "--out", str(out), "--backend", "torch_export"]) == 0
+    argv = ["export", "resnet_basic", "--out", str(out), "--backend", "torch_export"]
+    with pytest.raises(SystemExit):  # not imported yet: not a choice
+        main(argv)
+    assert "invalid choice: 'torch_export'" in capsys.readouterr().err
+    assert main(["--plugin", "custom_backend", *argv]) == 0
     assert out.is_file()
     argv = ["bench", "resnet_basic", str(out), "--batch-sizes", "2", "--runs", "2"]
     assert main([*argv, "--backend", "torch_export"]) == 0
