@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from graphprune.errors import ExportError
+from graphprune.frontend.trace import as_inputs
 
 from .base import Backend, Runner, register_backend
 
@@ -75,7 +76,7 @@ def export_onnx(
     _check_writable(path)
     # The exporter announces every torchvision op it cannot register; we never use them.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    inputs = _as_tuple(example_inputs)
+    inputs = as_inputs(example_inputs)
     work = copy.deepcopy(model).eval()
     with torch.no_grad():
         n_outputs = len(flatten_outputs(work(*inputs)))
@@ -242,15 +243,6 @@ def _check_writable(path: Path) -> None:
         raise ExportError(
             f"cannot write the ONNX file {path}: {exc}. Choose a writable path."
         ) from exc
-
-
-def _as_tuple(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    inputs = tuple(example_inputs)
-    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
-        raise TypeError("example_inputs must be a tensor or a non-empty sequence of tensors")
-    return inputs
 
 
 def flatten_outputs(out: object) -> list[torch.Tensor]:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from graphprune.frontend.modes import eval_mode
+from graphprune.frontend.trace import as_inputs
 
 from .onnx import flatten_outputs
 from .timing import available_cpus, cpu_name, host_clock
@@ -120,9 +121,7 @@ def parity(
     cast to float16 for ONNX Runtime while torch runs the model as given, so the number includes
     the precision loss (which is the figure a user of the fp16 artifact cares about).
     """
-    inputs = (
-        (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    )
+    inputs = as_inputs(example_inputs)
     with torch.no_grad(), eval_mode(model):
         expected = flatten_outputs(model(*inputs))
     actual = OrtRunner(onnx_path).run(*inputs)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from graphprune.errors import BackendUnavailableError
+from graphprune.frontend.trace import as_inputs
 
 from .base import Backend, register_backend
 from .timing import CudaClock, cpu_name, host_clock
@@ -52,8 +53,7 @@ class TorchBackend(Backend):
                 f"the torch backend saves the model as it is and takes no export options "
                 f"({', '.join(given)}); fp16 and channels_last are runner(...) options on CUDA"
             )
-        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
-        return save_model(path, model, tuple(inputs))
+        return save_model(path, model, as_inputs(example_inputs))
 
     def runner(self, artifact: str | Path | nn.Module, **options: Any) -> TorchRunner:
         """A :class:`TorchRunner` of a model file, or of a module (pass ``example_inputs=``)."""
@@ -104,9 +104,7 @@ class TorchRunner:
             raise ValueError(f"{', '.join(cuda_only)} only apply on CUDA; got device={dev}")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailableError(f"device={dev} requested but torch sees no CUDA device")
-        self.examples = (
-            (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-        )
+        self.examples = as_inputs(example_inputs)
         self.dev, self.fp16, self.channels_last = dev, fp16, channels_last
         self.cuda_graphs, self.compiled = cuda_graphs, compile
         work = copy.deepcopy(model).eval().to(dev)

@@ -171,3 +171,14 @@ def test_bare_tensor_example_input_is_one_input() -> None:
     gm = trace(model, x)  # type: ignore[arg-type]
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x))
+
+
+@pytest.mark.parametrize("bad", [(), [torch.randn(1)] * 0, (torch.randn(1), 3), 3.0, None])
+def test_example_inputs_other_than_tensors_say_what_to_pass(bad, tmp_path) -> None:
+    """One normalization (frontend.trace.as_inputs) serves trace, export, parity and runners."""
+    from graphprune.backends.onnx import export_onnx
+
+    model = ZOO["vgg"]().eval()
+    for call in (lambda: trace(model, bad), lambda: export_onnx(model, bad, tmp_path / "x.onnx")):
+        with pytest.raises(TypeError, match=r"non-empty tuple of tensors, e.g. \(x,\)"):
+            call()

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from graphprune.frontend.trace import as_inputs
 from graphprune.testing import zoo
 
 ModelFactory = Callable[..., tuple[nn.Module, tuple[Tensor, ...]]]
@@ -312,17 +313,13 @@ def get_model(
             f"factory {name!r} returned a bare nn.Module; return (model, example_inputs) "
             "so graphprune knows the input shape"
         )
-    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], Tensor):
-        result = (result[0], (result[1],))  # a lone example tensor is unambiguous
-    if (
-        not isinstance(result, tuple)
-        or len(result) != 2
-        or not isinstance(result[0], nn.Module)
-        or not isinstance(result[1], tuple)
-        or not all(isinstance(t, Tensor) for t in result[1])
-    ):
-        raise ValueError(
-            f"factory {name!r} must return (nn.Module, tuple of example input tensors), "
-            f"got {type(result).__name__}"
-        )
-    return result[0], result[1]
+    shape_error = ValueError(
+        f"factory {name!r} must return (nn.Module, tuple of example input tensors), "
+        f"got {type(result).__name__}"
+    )
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module)):
+        raise shape_error
+    try:
+        return result[0], as_inputs(result[1])  # a lone example tensor is unambiguous
+    except TypeError:
+        raise shape_error from None

@@ -55,11 +55,7 @@ def trace(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"trace() needs an nn.Module, got {type(model).__name__}")
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)  # a lone tensor is one input, not a batch to unbind
-    example_inputs = tuple(example_inputs)
-    if not example_inputs or not all(isinstance(t, torch.Tensor) for t in example_inputs):
-        raise TypeError("example_inputs must be a non-empty tuple of tensors, e.g. (x,)")
+    example_inputs = as_inputs(example_inputs)
     model = copy.deepcopy(model)
     tracer = _LeafTracer(tuple(leaf_modules))
     try:
@@ -73,6 +69,20 @@ def trace(
     gm.meta[EXAMPLE_INPUTS] = tuple(t.detach().clone() for t in example_inputs)
     propagate_shapes(gm)
     return gm
+
+
+def as_inputs(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Example inputs as the tuple ``model(*inputs)`` takes. A lone tensor is one input, not a
+    batch to unbind; anything else must be a non-empty sequence of tensors (TypeError)."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    inputs = tuple(example_inputs) if isinstance(example_inputs, Sequence) else ()
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise TypeError(
+            "example_inputs must be a tensor or a non-empty tuple of tensors, e.g. (x,); got "
+            f"{type(example_inputs).__name__}"
+        )
+    return inputs
 
 
 class _ShapeRecorder(fx.Interpreter):
