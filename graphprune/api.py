@@ -167,13 +167,15 @@ def export(
     example_inputs: Sequence[torch.Tensor],
     path,
     *,
-    backend: str = "onnx",
+    backend: str | None = None,
     fp16: bool = False,
     **options: object,
 ):
-    """Write a deployable artifact: ``backend="onnx"`` (cleaned with onnx-graphsurgeon) or
-    ``"tensorrt"`` (an engine built from that ONNX; needs the tensorrt package and a GPU).
+    """Write a deployable artifact with a registered backend (``graphprune.backends.
+    backend_names()``; default ONNX, cleaned with onnx-graphsurgeon) and return its path.
     See graphprune.backends.export; imported lazily so ``import graphprune`` stays light."""
+    from graphprune.backends import DEFAULT_BACKEND
     from graphprune.backends import export as _export
 
-    return _export(model, example_inputs, path, backend=backend, fp16=fp16, **options)
+    chosen = backend or DEFAULT_BACKEND
+    return _export(model, example_inputs, path, backend=chosen, fp16=fp16, **options)
