@@ -70,11 +70,14 @@ class Runner(Protocol):
 class Backend:
     """Base class of a backend; subclass it, set the class attributes, register it.
 
-    ``export(model, example_inputs, path, fp16=..., **options)`` writes the artifact at ``path``
-    (the caller's model is never mutated) and returns the path; ``runner(artifact, threads=None,
-    **options)`` loads it. ``threads`` is the CPU intra-op thread count where the runtime has
-    one (None: its default); GPU runtimes accept and ignore it, and say ``threads=None`` in
-    their records. ``install`` is the line an unavailable backend's error gives as the fix.
+    ``export(model, example_inputs, path, fp16=..., batch_sizes=..., **options)`` writes the
+    artifact at ``path`` (the caller's model is never mutated) and returns the path;
+    ``batch_sizes`` are the batches it will be run at, for backends that specialize on them
+    (TensorRT tunes one profile per batch) and ignored by the others.
+    ``runner(artifact, threads=None, **options)`` loads it. ``threads`` is the CPU intra-op
+    thread count where the runtime has one (None: its default); GPU runtimes accept and ignore
+    it, and say ``threads=None`` in their records. ``install`` is the line an unavailable
+    backend's error gives as the fix.
     """
 
     name: ClassVar[str]
@@ -104,6 +107,7 @@ class Backend:
         path: str | Path,
         *,
         fp16: bool = False,
+        batch_sizes: Sequence[int] | None = None,
         **options: Any,
     ) -> Path:
         raise NotImplementedError(f"the {self.name} backend cannot export")

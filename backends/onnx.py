@@ -313,9 +313,11 @@ class OnnxBackend(Backend):
         path: str | Path,
         *,
         fp16: bool = False,
+        batch_sizes: Sequence[int] | None = None,
         **options: Any,
     ) -> Path:
-        """See :func:`export_onnx` (options: dynamic_batch, legacy, opset)."""
+        """See :func:`export_onnx` (options: dynamic_batch, legacy, opset). The batch axis is
+        dynamic, so ``batch_sizes`` needs nothing here."""
         return export_onnx(model, example_inputs, path, fp16=fp16, **options)
 
     def runner(

@@ -64,6 +64,7 @@ class TensorRTBackend(Backend):
         path: str | Path,
         *,
         fp16: bool = False,
+        batch_sizes: Sequence[int] | None = None,
         **options: Any,
     ) -> Path:
         """Write ``<stem>.onnx`` next to the engine (kept, so that when TensorRT is missing the
@@ -71,7 +72,8 @@ class TensorRTBackend(Backend):
 
         Options of export_onnx (dynamic_batch, legacy, opset) go to it, the rest to
         :func:`build_engine`. With ``fp16=True`` the ONNX graph itself is fp16, which TensorRT
-        11 requires and 10 accepts.
+        11 requires and 10 accepts. ``batch_sizes`` (the batches it will be timed at) become
+        one profile each, and the largest the top of the range unless ``max_batch`` is given.
         """
         engine_path = Path(path)
         if engine_path.suffix == ".onnx":
@@ -79,6 +81,9 @@ class TensorRTBackend(Backend):
                 f"{engine_path} is the engine path and would clash with its ONNX file; "
                 f"use an {self.suffix} suffix"
             )
+        if batch_sizes:
+            options.setdefault("opt_batches", tuple(batch_sizes))
+            options.setdefault("max_batch", max(batch_sizes))
         onnx_options = {k: options.pop(k) for k in _ONNX_OPTIONS if k in options}
         onnx_path = export_onnx(
             model, example_inputs, engine_path.with_suffix(".onnx"), fp16=fp16, **onnx_options

@@ -42,9 +42,11 @@ class TorchBackend(Backend):
         path: str | Path,
         *,
         fp16: bool = False,
+        batch_sizes: Sequence[int] | None = None,
         **options: Any,
     ) -> Path:
-        """Save ``model`` with its example inputs (:func:`graphprune.io.save_model`)."""
+        """Save ``model`` with its example inputs (:func:`graphprune.io.save_model`); eager
+        PyTorch runs any batch size, so ``batch_sizes`` needs nothing here."""
         from graphprune.io import save_model
 
         if fp16 or options:

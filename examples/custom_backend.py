@@ -59,6 +59,7 @@ class TorchExportBackend(Backend):
         path: str | Path,
         *,
         fp16: bool = False,
+        batch_sizes: Sequence[int] | None = None,  # any batch runs: the axis is dynamic
         **options: Any,
     ) -> Path:
         if fp16 or options:

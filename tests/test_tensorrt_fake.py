@@ -321,3 +321,24 @@ def test_each_batch_runs_on_the_profile_tuned_for_it() -> None:
     assert [choose_profile(profiles, b, "m") for b in (1, 8, 5, 4, 32, 40)] == [0, 1, 1, 0, 2, 2]
     with pytest.raises(ValueError, match=r"batch size 65 .*1\.\.16, 1\.\.16, 4\.\.64"):
         choose_profile(profiles, 65, "m.engine")
+
+
+def test_export_for_timed_batches_builds_a_profile_for_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from graphprune.backends import get_backend
+
+    trt = fake_tensorrt("10.9.0")
+    _install(monkeypatch, trt)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    path = get_backend("tensorrt").export(
+        model, torch.randn(1, *SHAPE), tmp_path / "m.engine", batch_sizes=[32, 2], legacy=True
+    )
+    assert (tmp_path / "m.onnx").is_file()  # kept next to the engine
+    shapes = [c[1:] for c in trt.calls if c[0] == "set_shape"]
+    assert shapes == [
+        ("input", _shapes(1), _shapes(2), _shapes(32)),
+        ("input", _shapes(1), _shapes(32), _shapes(32)),
+    ]
+    meta = json.loads(path.with_name("m.engine.json").read_text())
+    assert (meta["opt_batches"], meta["max_batch"]) == ([2, 32], 32)

@@ -53,7 +53,8 @@ def bench(
     with tempfile.TemporaryDirectory(prefix="graphprune-bench-") as tmp:
         rows, runners = [], []
         for i, (spec, owner) in enumerate(zip(specs, owners, strict=True)):
-            row, artifact = _prepare(spec, owner, Path(tmp) / f"model{i}{owner.suffix}")
+            path = Path(tmp) / f"model{i}{owner.suffix}"
+            row, artifact = _prepare(spec, owner, path, batch_sizes)
             runner = owner.runner(artifact, **options)
             rows.append({**row, "backend": runner.backend, "threads": runner.threads})
             runners.append(runner)
@@ -78,7 +79,9 @@ def _is_model(spec: str) -> bool:
     return ":" in spec or not suffix or suffix in MODEL_FILES
 
 
-def _prepare(spec: str, owner: Any, path: Path) -> tuple[dict[str, Any], str | Path]:
+def _prepare(
+    spec: str, owner: Any, path: Path, batch_sizes: list[int]
+) -> tuple[dict[str, Any], str | Path]:
     """The row's static fields and the artifact to time; modules are counted and exported."""
     row: dict[str, Any] = {"name": spec, "kind": "model", "macs": None, "params": None}
     if not _is_model(spec):
@@ -91,7 +94,7 @@ def _prepare(spec: str, owner: Any, path: Path) -> tuple[dict[str, Any], str | P
 
     model, inputs = load_model(spec) if Path(spec).suffix in MODEL_FILES else get_model(spec)
     macs = count_macs(model, inputs)
-    artifact = owner.export(model, inputs, path)
+    artifact = owner.export(model, inputs, path, batch_sizes=batch_sizes)
     return {**row, "macs": macs.macs, "params": macs.params}, artifact
 
 
