@@ -29,9 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphprune.analysis import ChannelGraph
-from graphprune.errors import PlanError
 from graphprune.planning.plan import is_tied, keep_every_member_alive, rounded_width
-from graphprune.planning.selection import MacsModel, walk
+from graphprune.planning.selection import MacsModel, unreachable, walk
 
 DEFAULT_MIN_KEEP_FRACTION = 0.1
 # A rounding step is used only while the floor it imposes (every group at its smallest rounded
@@ -188,12 +187,13 @@ def choose_rounding(
     for r in ladder:
         if floor[r] <= flops_target:
             return r
-    least = floor[ladder[-1]]
-    raise PlanError(
-        f"flops_target={flops_target} is out of reach{f' for {who}' if who else ''}: with every "
-        f"group it can prune at its floor (min_keep_fraction, at least one channel; exact "
-        f"widths) {least:.3f} of the MACs remain; ask for at least {least:.3f}, lower "
-        "min_keep_fraction, or make more layers prunable"
+    raise unreachable(
+        flops_target,
+        floor[ladder[-1]],
+        who=who,
+        at="every group it can prune at its floor (min_keep_fraction, at least one channel; "
+        "exact widths)",
+        fix="lower min_keep_fraction",
     )
 
 

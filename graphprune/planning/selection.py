@@ -170,12 +170,24 @@ def out_of_reach(
     for gid in gids:
         n = graph.groups[gid].channels
         model.set_kept(gid, rounded_width(1, n, round_to, tied=is_tied(graph, gid)))
-    floor = model.macs / model.dense
+    return unreachable(
+        flops_target,
+        model.macs / model.dense,
+        who=who,
+        at=f"one channel in each of the {len(gids)} groups it can prune (rounded up to a "
+        f"multiple of round_to={round_to})",
+        fix="lower round_to",
+    )
+
+
+def unreachable(flops_target: float, floor: float, *, who: str, at: str, fix: str) -> PlanError:
+    """The one "out of reach" message: the target, the least reachable fraction ``floor`` and
+    the state ``at`` which it is reached, and what to change (``fix``, or more prunable layers).
+    """
     return PlanError(
-        f"flops_target={flops_target} is out of reach{f' for {who}' if who else ''}: keeping "
-        f"one channel in each of the {len(gids)} groups it can prune (rounded up to a multiple "
-        f"of round_to={round_to}) still leaves {floor:.3f} of the dense MACs; ask for at least "
-        f"{floor:.3f}, lower round_to, or make more layers prunable"
+        f"flops_target={flops_target} is out of reach{f' for {who}' if who else ''}: with "
+        f"{at}, {floor:.3f} of the dense MACs remain; ask for at least {floor:.3f}, {fix}, or "
+        "make more layers prunable"
     )
 
 
