@@ -36,3 +36,8 @@ class ExportError(GraphpruneError):
 
 class TrainingError(GraphpruneError):
     """Training diverged or cannot proceed (NaN loss, empty loader, corrupt checkpoint)."""
+
+
+class ModelFileError(GraphpruneError, ValueError):
+    """A model or checkpoint file cannot be written or read safely (unknown class, code in it,
+    a pickled module from an older version, a truncated file)."""

@@ -1,4 +1,4 @@
-"""The ``graphprune`` command: inspect, compress, methods, export, bench, demo."""
+"""The ``graphprune`` command: inspect, compress, methods, export, convert, bench, demo."""
 
 from __future__ import annotations
 
@@ -203,6 +203,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from graphprune.io import convert_legacy
+
+    print(f"wrote {convert_legacy(args.model, args.out, trust=args.trust)}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from graphprune.apps.bench import bench, format_bench
 
@@ -295,6 +302,12 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     _backend_flag(s, "write the artifact with this backend")
     s.add_argument("--fp16", action="store_true")
     s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("convert", help="rewrite a graphprune 0.1 .pt (a pickle) as a safe file")
+    s.add_argument("model", help="the old .pt file; unpickling it runs any code it holds")
+    s.add_argument("--out", required=True)
+    s.add_argument("--trust", action="store_true", help="required: you trust the file's origin")
+    s.set_defaults(fn=cmd_convert)
 
     s = sub.add_parser("bench", help="MACs, params and latency of models side by side")
     s.add_argument("models", nargs="+", help="names, .pt, .onnx or .engine files")

@@ -22,7 +22,7 @@ from graphprune.backends import export, runner
 from graphprune.backends.ort import parity
 from graphprune.backends.timing import measure
 from graphprune.errors import TrainingError
-from graphprune.io import atomic_save
+from graphprune.io import atomic_save, safe_load
 from graphprune.methods import get_method
 from graphprune.planning.macs import count_macs
 from graphprune.training.loop import evaluate, fit
@@ -36,15 +36,11 @@ def _base_model(out: Path, train, test, epochs: int):
     model = resnet56(num_classes=10, in_channels=1)
     path = out / "base.pt"
     recipe = {"epochs": epochs, "lr": BASE_LR, "warmup_epochs": 1, "batch": BATCH, "seed": 0}
-    if path.exists():
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-            if state.get("recipe") == recipe:
-                model.load_state_dict(state["model"])
-                print(f"[1/4] loaded cached base model {path}")
-                return model
-        except Exception as exc:  # a broken cache is retrained, not trusted
-            print(f"[1/4] ignoring unreadable cache {path}: {exc}")
+    state = _cached_base(path, recipe)
+    if state is not None:
+        model.load_state_dict(state)
+        print(f"[1/4] loaded cached base model {path}")
+        return model
     print(f"[1/4] training the base ResNet-56 ({epochs} epochs, lr {BASE_LR}, batch {BATCH})")
     torch.manual_seed(0)
     fit(
@@ -59,6 +55,20 @@ def _base_model(out: Path, train, test, epochs: int):
     )
     atomic_save({"model": model.state_dict(), "recipe": recipe}, path)
     return model
+
+
+def _cached_base(path: Path, recipe: dict) -> dict | None:
+    """The cached base state_dict if ``path`` holds one trained with ``recipe``. Read with
+    weights_only (no code runs); anything else (unreadable, other recipe) means retrain."""
+    if not path.exists():
+        return None
+    try:
+        state = safe_load(path, what="base-model cache")
+        if isinstance(state, dict) and state.get("recipe") == recipe:
+            return state["model"]
+    except Exception as exc:  # a broken or hostile cache is retrained, never trusted
+        print(f"[1/4] ignoring unreadable cache {path}: {exc}")
+    return None
 
 
 def run_demo(

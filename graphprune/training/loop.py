@@ -19,7 +19,7 @@ from torch import nn
 
 from graphprune.errors import TrainingError
 from graphprune.frontend.modes import eval_mode
-from graphprune.io import atomic_save
+from graphprune.io import atomic_save, safe_load
 
 CHECKPOINT = "last.pt"
 
@@ -184,7 +184,7 @@ def fit(
 
 def _load_checkpoint(path: Path, model, opt, hooks, history: History) -> int:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = safe_load(path, what="checkpoint")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         if hooks is not None and state.get("hooks") is not None:
