@@ -5,10 +5,11 @@ Entry points copy the user's model (trace() does), so it is never mutated.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import fx, nn
@@ -20,6 +21,7 @@ from graphprune.methods import DEFAULT_METHOD, Method, MethodConfig, get_method,
 from graphprune.methods.base import make_config
 from graphprune.planning.macs import count_macs
 from graphprune.report import CompressionReport, build_report
+from graphprune.training import distributed
 from graphprune.training.loop import evaluate, fit, iterations_per_epoch
 
 
@@ -37,7 +39,10 @@ class TrainingOptions:
 
     ``val_loader`` measures top-1 accuracy right before and after the finalize passes (and per
     epoch while training). ``train_step(model, batch) -> loss`` replaces ``loss_fn`` for models
-    that are not classifiers. ``checkpoint_dir``/``resume``: atomic per-epoch checkpoints."""
+    that are not classifiers. ``checkpoint_dir``: atomic checkpoints per epoch and, with
+    ``checkpoint_every=N``, every N iterations; ``resume=True`` continues from them after
+    checking that the method's config and the training settings are the same (``"force"``:
+    continue anyway). See graphprune.training.loop.fit."""
 
     train_loader: Iterable | None = None
     val_loader: Iterable | None = None
@@ -46,7 +51,8 @@ class TrainingOptions:
     loss_fn: Callable | None = None
     train_step: Callable | None = None
     checkpoint_dir: str | os.PathLike | None = None
-    resume: bool = False
+    checkpoint_every: int | None = None
+    resume: bool | str = False
     progress: bool = True
 
 
@@ -73,6 +79,8 @@ def compress(
     """
     cls = get_method(method)
     config, training = _split_options(cls, method, options)
+    if cls.trains and distributed.active():  # the schedule must count this rank's iterations
+        training = replace(training, train_loader=distributed.shard_loader(training.train_loader))
     iters = iterations_per_epoch(training.train_loader) if cls.trains else None
     start = time.perf_counter()
     gm = trace(model, example_inputs, leaf_modules=leaf_modules)
@@ -92,7 +100,7 @@ def compress(
         layer_macs=dense.per_layer,
         verify=verify,
     )
-    train_seconds = _train(m, training) if cls.trains else None
+    train_seconds = _train(m, config, training) if cls.trains else None
     val = training.val_loader
     accuracy_before = evaluate(m.model, val) if val is not None else None
     pruned = m.finalize(verify=verify)
@@ -141,8 +149,10 @@ def _split_options(
     return config, t
 
 
-def _train(m: Method, t: TrainingOptions) -> float:
-    """Train ``m.model`` in place through the method's hooks; returns the seconds it took."""
+def _train(m: Method, config: MethodConfig, t: TrainingOptions) -> float:
+    """Train ``m.model`` in place through the method's hooks; returns the seconds it took.
+    The method's name and config define the run: a resume with any other value is refused."""
+    run_config = json.loads(json.dumps({"method": m.name, **config.to_dict()}, default=str))
     extra = {"loss_fn": t.loss_fn} if t.loss_fn is not None else {}
     history = fit(
         m.model,
@@ -154,7 +164,9 @@ def _train(m: Method, t: TrainingOptions) -> float:
         train_step=t.train_step,
         val_loader=t.val_loader,
         checkpoint_dir=t.checkpoint_dir,
+        checkpoint_every=t.checkpoint_every,
         resume=t.resume,
+        run_config=run_config,
         progress=t.progress,
         desc=m.name,
         **extra,

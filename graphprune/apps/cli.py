@@ -103,7 +103,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from graphprune import compress
     from graphprune.io import check_writable, save_model
     from graphprune.methods import get_method
+    from graphprune.training.distributed import barrier, init_from_env, is_main_process
 
+    init_from_env()  # under torchrun: one rank each, the data sharded, rank 0 writes
     cls = get_method(args.method)
     flags = {o.name: _dest(o.name) for o in cls.config_class.options()}
     config = cls.config_class(
@@ -134,8 +136,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
             )
         model, inputs = _load(args.model)
     result = compress(model, config, example_inputs=inputs, **options)
-    if args.out:
+    if args.out and is_main_process():  # under torchrun every rank has the model; one writes
         save_model(args.out, result.model, inputs, result.report.to_dict())
+    barrier()
     print(result.report.to_json() if args.json else result.report.format())
     if args.out and not args.json:
         print(f"saved {args.out}")
