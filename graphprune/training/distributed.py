@@ -133,11 +133,20 @@ def wrap(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def sync_buffers(model: nn.Module) -> None:
-    """Every rank takes rank 0's buffers (masks, norm statistics)."""
+    """Every rank takes rank 0's buffers (masks, norm statistics): one broadcast per dtype and
+    device, not one per buffer."""
     if not active():
         return
+    by_kind: dict[tuple, list[torch.Tensor]] = {}
     for b in model.buffers():
-        dist.broadcast(b, src=0)
+        by_kind.setdefault((b.dtype, b.device), []).append(b)
+    for buffers in by_kind.values():
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        dist.broadcast(flat, src=0)
+        offset = 0
+        for b in buffers:
+            b.copy_(flat[offset : offset + b.numel()].view_as(b))
+            offset += b.numel()
 
 
 def gather(obj: object) -> list[object]:

@@ -249,7 +249,7 @@ def fit(
             opt.step()
             if hooks is not None:
                 hooks.step()
-                D.sync_buffers(model)
+            D.sync_buffers(model)  # rank 0's masks and norm statistics on every rank
             pos.batch, pos.running, pos.seen = i + 1, pos.running + loss.item(), pos.seen + 1
             if bar is not None:
                 bar.update(1)
