@@ -110,12 +110,24 @@ def save_model(
     *,
     extra_modules: Iterable[type[nn.Module]] = (),
 ) -> Path:
-    """Write ``model`` (an fx.GraphModule such as compress() returns, or torch.nn layers) as
-    data. Your own module classes inside it must be listed in ``extra_modules`` here and when
-    loading; anything else that is code (hooks, callables) is refused with the module named."""
-    from graphprune.serialize import describe
+    """Write ``model`` as data: an fx.GraphModule such as compress() returns, or torch.nn
+    layers, as they are; any other model is traced first (graphprune.trace), so what is stored
+    is its graph, which computes the same. Your own classes kept as leaf modules must be listed
+    in ``extra_modules`` here and when loading; anything else that is code (hooks, callables)
+    is refused with the module named."""
+    from torch import fx
 
-    structure, tensors = describe(model, extra_modules=extra_modules)
+    from graphprune.serialize import UnlistedClassError, describe
+
+    try:
+        structure, tensors = describe(model, extra_modules=extra_modules)
+    except UnlistedClassError:
+        if isinstance(model, fx.GraphModule):
+            raise  # a leaf module of the user's own class: only extra_modules can say it is safe
+        from graphprune.frontend.trace import trace
+
+        gm = trace(model, tuple(example_inputs))
+        structure, tensors = describe(gm, extra_modules=extra_modules)
     payload = {
         "format": FORMAT,
         "version": VERSION,

@@ -95,11 +95,26 @@ def _allowed_classes(extra: Iterable[type[nn.Module]]) -> dict[str, type[nn.Modu
     return out
 
 
+class UnlistedClassError(ModelFileError):
+    """A module's class is not on the allow-list (its forward is code the file cannot hold)."""
+
+
+def check_no_hooks(model: nn.Module) -> None:
+    """Hooks are code: a model that has any cannot be stored as data."""
+    for path, m in model.named_modules():
+        for name in _MODULE_INTERNALS:
+            if "hook" in name and getattr(m, name):
+                raise ModelFileError(
+                    f"module {path or '<root>'!r} has hooks registered ({name}); hooks are code "
+                    "and cannot be stored in a model file: remove them before saving"
+                )
+
+
 def _class_key(cls: type, allowed: dict[str, type[nn.Module]], where: str) -> str:
     for key, c in allowed.items():
         if c is cls:
             return key
-    raise ModelFileError(
+    raise UnlistedClassError(
         f"module {where!r} is a {cls.__module__}.{cls.__qualname__}, which is not a torch.nn "
         "layer: its code cannot be stored as data. Pass the class as extra_modules=[...] to "
         "both save_model and load_model (it is then imported from your code, not the file)"
@@ -184,18 +199,13 @@ def describe(
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """(JSON-safe structure, tensors by name) for ``model``; raises ModelFileError naming the
     module or node that cannot be stored as data."""
+    check_no_hooks(model)
     allowed, enc = _allowed_classes(extra_modules), _Encoder()
     return _describe(model, "", allowed, enc), enc.tensors
 
 
 def _describe(m: nn.Module, path: str, allowed, enc: _Encoder) -> dict:
     where = path or "<root>"
-    for name in _MODULE_INTERNALS:
-        if "hook" in name and getattr(m, name):
-            raise ModelFileError(
-                f"module {where!r} has hooks registered ({name}); hooks are code and cannot be "
-                "stored in a model file: remove them before saving"
-            )
     is_graph = isinstance(m, fx.GraphModule)
     out: dict = {"class": "fx.GraphModule" if is_graph else _class_key(type(m), allowed, where)}
     out["training"] = m.training

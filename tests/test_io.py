@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from torch import fx, nn
 
 from graphprune import compress, trace
 from graphprune.analysis import analyze
@@ -157,16 +157,25 @@ class Scaled(nn.Module):
         return self.k * x
 
 
-def test_own_module_classes_need_to_be_named_on_both_sides(tmp_path) -> None:
-    model = nn.Sequential(nn.Linear(4, 4), Scaled(2.5))
+def test_own_leaf_classes_need_to_be_named_on_both_sides(tmp_path) -> None:
     x = torch.randn(2, 4)
+    model = nn.Sequential(nn.Linear(4, 4), Scaled(2.5))
+    gm = trace(model, (x,), leaf_modules=[Scaled])  # Scaled kept as a module: its code is needed
     with pytest.raises(ModelFileError, match="Scaled.*extra_modules"):
-        save_model(tmp_path / "m.pt", model, (x,))
-    path = save_model(tmp_path / "m.pt", model, (x,), extra_modules=[Scaled])
+        save_model(tmp_path / "m.pt", gm, (x,))
+    path = save_model(tmp_path / "m.pt", gm, (x,), extra_modules=[Scaled])
     with pytest.raises(ModelFileError, match="Scaled.*extra_modules"):
         load_model(path)
     loaded, _ = load_model(path, extra_modules=[Scaled])
-    assert isinstance(loaded[1], Scaled) and loaded[1].k == 2.5
+    assert isinstance(loaded.get_submodule("1"), Scaled) and loaded.get_submodule("1").k == 2.5
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_a_model_of_your_own_class_is_saved_as_its_traced_graph(tmp_path) -> None:
+    x = torch.randn(2, 4)
+    model = nn.Sequential(nn.Linear(4, 4), Scaled(2.5))  # Scaled's forward is traced through
+    loaded, _ = load_model(save_model(tmp_path / "m.pt", model, (x,)))
+    assert isinstance(loaded, fx.GraphModule)
     assert torch.equal(loaded(x), model(x))
 
 
