@@ -16,10 +16,12 @@ from torch import fx, nn
 
 from graphprune.analysis import build_channel_graph
 from graphprune.errors import PlanError
-from graphprune.frontend.trace import example_inputs_of, trace
+from graphprune.frontend.fallback import frozen_submodules, trace_with_fallback
+from graphprune.frontend.trace import example_inputs_of
 from graphprune.methods import DEFAULT_METHOD, Method, MethodConfig, get_method, method_names
 from graphprune.methods.base import make_config
 from graphprune.planning.macs import count_macs
+from graphprune.planning.target import check_reached
 from graphprune.report import CompressionReport, build_report
 from graphprune.training import distributed
 from graphprune.training.loop import evaluate, fit, iterations_per_epoch
@@ -83,13 +85,15 @@ def compress(
         training = replace(training, train_loader=distributed.shard_loader(training.train_loader))
     iters = iterations_per_epoch(training.train_loader) if cls.trains else None
     start = time.perf_counter()
-    gm = trace(model, example_inputs, leaf_modules=leaf_modules)
+    gm = trace_with_fallback(model, example_inputs, leaf_modules=leaf_modules)
+    frozen = frozen_submodules(gm)  # what fx could not trace, kept whole
     graph = build_channel_graph(gm, strict=strict)
     groups = graph.groups
     dense = count_macs(gm, example_inputs_of(gm))
     if not any(g.prunable for g in groups):
         reasons = "; ".join(sorted({r for g in groups for r in g.reasons}))
-        raise PlanError(f"{type(model).__name__} has no prunable channel group ({reasons})")
+        where = f"; frozen submodules: {', '.join(frozen)}" if frozen else ""
+        raise PlanError(f"{type(model).__name__} has no prunable channel group ({reasons}{where})")
     m = cls(
         gm,
         config,
@@ -105,11 +109,13 @@ def compress(
     accuracy_before = evaluate(m.model, val) if val is not None else None
     pruned = m.finalize(verify=verify)
     pruned.eval()
+    after = count_macs(pruned, example_inputs_of(gm))
+    check_reached(config.flops_target, dense, after, graph, frozen)  # never a silent shortfall
     report = build_report(
         method=cls.name,
         config=config.to_dict(),
         before=dense,
-        after=count_macs(pruned, example_inputs_of(gm)),
+        after=after,
         groups=groups,
         widths_after=m.widths,
         seconds=time.perf_counter() - start,
@@ -117,6 +123,7 @@ def compress(
         accuracy_before_finalize=accuracy_before,
         accuracy_after_finalize=evaluate(pruned, val) if val is not None else None,
         stats=m.stats(),
+        frozen_submodules=frozen,
     )
     return CompressionResult(pruned, report)
 

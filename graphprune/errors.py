@@ -11,7 +11,14 @@ class GraphpruneError(Exception):
 
 
 class TraceError(GraphpruneError):
-    """torch.fx could not trace the model (data-dependent control flow, unsupported Python)."""
+    """torch.fx could not trace the model (data-dependent control flow, unsupported Python).
+
+    ``module_path`` names the innermost submodule whose forward failed, when known.
+    """
+
+    def __init__(self, message: str = "", *, module_path: str | None = None) -> None:
+        super().__init__(message)
+        self.module_path = module_path
 
 
 class UnsupportedOpError(GraphpruneError):

@@ -28,7 +28,8 @@ class CompressionReport:
 
     ``accuracy_*`` are top-1 percentages on the ``val_loader`` given to compress (None without
     one): right before the finalize passes and after them. ``stats`` is the method's own
-    frozen dataclass (None if it has none)."""
+    frozen dataclass (None if it has none). ``frozen_submodules`` maps each submodule fx
+    could not trace, kept whole and unpruned, to the reason (frontend.fallback)."""
 
     method: str
     flops_target: float
@@ -43,6 +44,7 @@ class CompressionReport:
     accuracy_before_finalize: float | None = None
     accuracy_after_finalize: float | None = None
     stats: object | None = None
+    frozen_submodules: dict[str, str] = field(default_factory=dict)
 
     @property
     def macs_ratio(self) -> float:
@@ -81,6 +83,8 @@ class CompressionReport:
                 lines.append(
                     f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}"
                 )
+        for name, why in self.frozen_submodules.items():
+            lines.append(f"  frozen (not traced, not pruned): {name}: {why}")
         lines.append("  group  width           producers")
         for w in self.widths:
             lines.append(f"  {w.id:5d}  {w.before:5d} -> {w.after:<5d}  {', '.join(w.producers)}")
@@ -100,6 +104,7 @@ def build_report(
     accuracy_before_finalize: float | None = None,
     accuracy_after_finalize: float | None = None,
     stats: object | None = None,
+    frozen_submodules: dict[str, str] | None = None,
 ) -> CompressionReport:
     widths = tuple(
         GroupWidth(g.id, g.producers, g.channels, widths_after.get(g.id, g.channels))
@@ -120,4 +125,5 @@ def build_report(
         accuracy_before_finalize=accuracy_before_finalize,
         accuracy_after_finalize=accuracy_after_finalize,
         stats=stats,
+        frozen_submodules=dict(frozen_submodules or {}),
     )

@@ -29,16 +29,30 @@ class _LeafTracer(fx.Tracer):
     """fx's default leaves (torch.nn modules), modules graphprune inserts (they set
     ``graphprune_leaf = True``) and the user's own leaf module types."""
 
-    def __init__(self, leaf_types: tuple[type[nn.Module], ...] = ()) -> None:
+    def __init__(
+        self, leaf_types: tuple[type[nn.Module], ...] = (), leaf_names: frozenset[str] = frozenset()
+    ) -> None:
         super().__init__()
         self.leaf_types = leaf_types
+        self.leaf_names = leaf_names
+        self.failed_in: str | None = None  # innermost submodule whose forward raised
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if getattr(m, "graphprune_leaf", False) or (
-            self.leaf_types and isinstance(m, self.leaf_types)
+        if (
+            getattr(m, "graphprune_leaf", False)
+            or (self.leaf_types and isinstance(m, self.leaf_types))
+            or module_qualified_name in self.leaf_names
         ):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # the innermost module raises first
+                self.failed_in = self.path_of_module(m)
+            raise
 
 
 def trace(
@@ -46,22 +60,25 @@ def trace(
     example_inputs: Sequence[torch.Tensor],
     *,
     leaf_modules: Iterable[type[nn.Module]] = (),
+    leaf_names: Iterable[str] = (),
 ) -> fx.GraphModule:
     """Trace a copy of ``model`` and record every node's output shape.
 
     The copy means passes may rewrite the GraphModule freely: the user's model is never
-    touched. ``leaf_modules`` are kept as opaque calls (their channels become unprunable);
-    use it for submodules fx cannot trace.
+    touched. ``leaf_modules`` (types) and ``leaf_names`` (qualified submodule names) are kept
+    as opaque calls (their channels become unprunable); use them for submodules fx cannot
+    trace. A TraceError carries ``module_path``, the innermost submodule that failed (None
+    when the failure is in the model's own forward), which ``frontend.fallback`` freezes.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"trace() needs an nn.Module, got {type(model).__name__}")
     example_inputs = as_inputs(example_inputs)
     model = copy.deepcopy(model)
-    tracer = _LeafTracer(tuple(leaf_modules))
+    tracer = _LeafTracer(tuple(leaf_modules), frozenset(leaf_names))
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises many types; all mean "not traceable"
-        raise TraceError(_explain_trace_failure(model, exc)) from exc
+        raise TraceError(_explain_trace_failure(model, exc), module_path=tracer.failed_in) from exc
     for node in graph.nodes:
         # Type annotations become globals of the generated code that torch.save cannot pickle.
         node.type = None

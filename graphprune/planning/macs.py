@@ -22,7 +22,12 @@ _MAC_OPS = ("aten.convolution", "aten.mm", "aten.addmm")
 
 @dataclass(frozen=True, slots=True)
 class MacsReport:
-    """Totals and per-module MACs (module names as in ``model.named_modules()``)."""
+    """Totals and per-module MACs (module names as in ``model.named_modules()``).
+
+    ``per_layer`` holds leaf modules; the key ``""`` holds the MACs outside every leaf (a
+    functional conv/linear in a forward, a parent's own matmuls), so its values sum to
+    ``macs``: planners that shrink some layers see every MAC they cannot shrink.
+    """
 
     macs: int
     params: int
@@ -61,4 +66,7 @@ def count_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> Macs
         for name, macs in per_layer.items()
         if macs and not any(other.startswith(name + ".") for other in per_layer)
     }
+    rest = total - sum(leaves.values())
+    if rest > 0:
+        leaves[""] = rest
     return MacsReport(macs=total, params=count_params(model), per_layer=leaves)

@@ -155,14 +155,32 @@ def is_tied(graph: ChannelGraph, gid: int) -> bool:
 def keep_every_member_alive(
     graph: ChannelGraph, plan: dict[int, np.ndarray], scores: Mapping[int, np.ndarray]
 ) -> dict[int, np.ndarray]:
-    """Give back the best channel to any member (e.g. one half of a split) left empty."""
+    """Give back the best channel to any member (e.g. one half of a split) left empty.
+
+    The group's width is kept where possible, by dropping instead its lowest-scoring kept
+    channel whose loss empties no member: a width the planner rounded stays rounded, so the
+    pruner does not round it up again to MACs the plan never counted.
+    """
     removed = graph.removed_mask(plan)
     for s in graph.sites:
         if s.atoms.size and removed[s.atoms].all():
             gids, pos = graph.positions(s.atoms.reshape(-1))
             gid = int(gids[0])
             candidates = np.unique(pos[gids == gid])
-            best = candidates[np.argmax(np.asarray(scores[gid])[candidates])]
-            plan[gid] = np.union1d(plan[gid], [best])
+            score = np.asarray(scores[gid])
+            best = candidates[np.argmax(score[candidates])]
+            grown = np.union1d(plan[gid], [best])
+            plan[gid] = grown
+            for drop in grown[np.argsort(score[grown], kind="stable")]:
+                if drop == best:
+                    continue
+                trial = {**plan, gid: grown[grown != drop]}
+                if not _empties_a_member(graph, graph.removed_mask(trial)):
+                    plan[gid] = trial[gid]
+                    break
             removed = graph.removed_mask(plan)
     return plan
+
+
+def _empties_a_member(graph: ChannelGraph, removed: np.ndarray) -> bool:
+    return any(s.atoms.size and removed[s.atoms].all() for s in graph.sites)

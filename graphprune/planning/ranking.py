@@ -30,7 +30,8 @@ import numpy as np
 
 from graphprune.analysis import ChannelGraph
 from graphprune.planning.plan import is_tied, keep_every_member_alive, rounded_width
-from graphprune.planning.selection import MacsModel, unreachable, walk
+from graphprune.planning.selection import MacsModel, ranking_of, unreachable, walk
+from graphprune.planning.target import blockers
 
 DEFAULT_MIN_KEEP_FRACTION = 0.1
 # A rounding step is used only while the floor it imposes (every group at its smallest rounded
@@ -194,6 +195,7 @@ def choose_rounding(
         at="every group it can prune at its floor (min_keep_fraction, at least one channel; "
         "exact widths)",
         fix="lower min_keep_fraction",
+        limits=blockers(graph, layer_macs),
     )
 
 
@@ -263,7 +265,7 @@ def _selection(graph, scores, layer_macs, counts, rounding, target) -> Selection
     plan = keep_every_member_alive(
         graph, {g: p for g, p in plan.items() if len(p) < graph.groups[g].channels}, scores
     )
-    model = MacsModel(graph, layer_macs)
+    model = MacsModel(graph, layer_macs, ranking_of(scores))
     kept = {}
     for g in scores:
         kept[g] = plan.get(g, np.arange(graph.groups[g].channels))
@@ -275,7 +277,7 @@ def _selection(graph, scores, layer_macs, counts, rounding, target) -> Selection
 def _give_back(graph, scores, layer_macs, target, counts, rounding) -> dict[int, int]:
     """Greedy: re-add the next allowed width step with the best score per added MAC while the
     MACs stay under the target."""
-    model = MacsModel(graph, layer_macs)
+    model = MacsModel(graph, layer_macs, ranking_of(scores))
     for g, k in counts.items():
         model.set_kept(g, k)
     limit = target * model.dense * (1 + 1e-9)

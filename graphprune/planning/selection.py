@@ -2,9 +2,9 @@
 
 The MACs model: a conv/linear layer's MACs scale with the fraction of its input channels kept
 (dense layers only; a grouped conv's per-group input width is fixed) times the fraction of its
-output channels kept. Each group contributes a fixed number of indices per channel to each
-layer, so remaining MACs are a cheap function of how many channels each group keeps. The
-pruned model is always re-measured with FlopCounterMode; the model only guides the search.
+output channels kept; a layer that sees only some channels of a group (a split half) counts
+which channels are kept, best first. MACs outside every modelled layer are a fixed part of the
+dense total. The pruned model is always re-measured with FlopCounterMode (planning.target).
 """
 
 from __future__ import annotations
@@ -44,11 +44,25 @@ def l2_scores(gm: fx.GraphModule, graph: ChannelGraph) -> dict[int, np.ndarray]:
 
 
 class MacsModel:
-    """Predicted MACs as a function of kept channels per group."""
+    """Predicted MACs as a function of kept channels per group.
 
-    def __init__(self, graph: ChannelGraph, layer_macs: Mapping[str, int]) -> None:
+    A layer side that sees every channel of a group equally often shrinks in proportion to
+    the channels kept. A side that sees only some channels (half of a split, one shuffle
+    column, a slice) shrinks by which channels are kept, so with ``ranking`` (per group, the
+    channels best first: the order a plan keeps them in) keeping ``k`` channels means keeping
+    ``ranking[:k]`` and the side's kept count is exact. Without a ranking, sides are assumed
+    to see channels uniformly.
+    """
+
+    def __init__(
+        self,
+        graph: ChannelGraph,
+        layer_macs: Mapping[str, int],
+        ranking: Mapping[int, np.ndarray] | None = None,
+    ) -> None:
         self.graph = graph
-        self.layers = []  # (dense macs, in size, out size, {gid: per-channel count} in/out)
+        self.ranking = ranking or {}
+        self.layers = []  # (dense macs, [in side, out side]); side: {gid: kept count by width}
         self.touching: dict[int, list[int]] = defaultdict(list)
         for layer in graph.mac_layers:
             dense = int(layer_macs.get(layer.target, 0))
@@ -61,24 +75,36 @@ class MacsModel:
                 self.touching[gid].append(index)
         self.kept = {g.id: g.channels for g in graph.groups}
         self.layer_macs = [self._layer(i) for i in range(len(self.layers))]
-        self.dense = sum(d for d, _ in self.layers)
+        # MACs no group shrinks (frozen submodules, functional linears, attention modules):
+        # part of the dense total the target is a fraction of, never of what pruning removes.
+        modelled = {layer.target for layer in graph.mac_layers}
+        self.fixed = sum(int(v) for k, v in layer_macs.items() if k not in modelled)
+        self.dense = sum(d for d, _ in self.layers) + self.fixed
 
-    def _counts(self, atoms: np.ndarray | None) -> dict[int, float]:
+    def _counts(self, atoms: np.ndarray | None) -> dict[int, np.ndarray]:
+        """Per group: atoms of this side kept when the group keeps 0, 1, ... channels."""
         if atoms is None:
             return {}
-        gids = self.graph.atom_group[atoms.reshape(-1)]
-        return {
-            int(g): float(np.sum(gids == g)) / self.graph.groups[int(g)].channels
-            for g in np.unique(gids)
-        }
+        gids, pos = self.graph.positions(atoms.reshape(-1))
+        out = {}
+        for g in np.unique(gids).tolist():
+            n = self.graph.groups[g].channels
+            per_channel = np.bincount(pos[gids == g], minlength=n).astype(np.float64)
+            order = self.ranking.get(g)
+            if order is None or np.all(per_channel == per_channel[0]):
+                # Uniform: kept atoms scale with the kept channel count.
+                out[g] = np.arange(n + 1) * (per_channel.sum() / n)
+            else:
+                out[g] = np.concatenate([[0.0], np.cumsum(per_channel[np.asarray(order)])])
+        return out
 
     def _layer(self, i: int) -> float:
         dense, sides = self.layers[i]
         frac = 1.0
         for counts in sides:
             if counts:
-                full = sum(c * self.graph.groups[g].channels for g, c in counts.items())
-                frac *= sum(c * self.kept[g] for g, c in counts.items()) / full
+                full = sum(c[-1] for c in counts.values())
+                frac *= sum(c[self.kept[g]] for g, c in counts.items()) / full
         return dense * frac
 
     def set_kept(self, gid: int, kept: int) -> None:
@@ -88,7 +114,12 @@ class MacsModel:
 
     @property
     def macs(self) -> float:
-        return float(sum(self.layer_macs))
+        return float(sum(self.layer_macs)) + self.fixed
+
+
+def ranking_of(scores: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """Per group, channels best first: the order ``walk`` keeps them in."""
+    return {g: np.argsort(-np.asarray(s), kind="stable") for g, s in scores.items()}
 
 
 def select_channels(
@@ -128,7 +159,8 @@ def walk(
     ``fine`` rounds widths below ``round_to`` more finely (``rounded_width``); ``min_keep``
     (group id -> channels) is a floor no group is walked below (at least 1 always).
     """
-    model = MacsModel(graph, layer_macs)
+    ranking = ranking_of(scores)
+    model = MacsModel(graph, layer_macs, ranking)
     target = flops_target * model.dense
     order = sorted((float(s), gid, pos) for gid, arr in scores.items() for pos, s in enumerate(arr))
     tied = {gid: is_tied(graph, gid) for gid in scores}
@@ -146,11 +178,10 @@ def walk(
         model.set_kept(gid, rounded_width(n - removed[gid], n, round_to, tied=tied[gid], fine=fine))
         dropped += before - model.kept[gid]
     plan = {}
-    for gid, arr in scores.items():
+    for gid in scores:
         keep = model.kept[gid]
         if keep < graph.groups[gid].channels:
-            best = np.argsort(-np.asarray(arr), kind="stable")[:keep]
-            plan[gid] = np.sort(best)
+            plan[gid] = np.sort(ranking[gid][:keep])
     return plan, model.macs <= target * (1 + 1e-9)
 
 
@@ -165,7 +196,10 @@ def out_of_reach(
 ) -> PlanError:
     """The error for a target below the floor: the MACs left when each of the groups ``gids``
     (those the method can prune) keeps one channel, rounded up as the pruner would."""
-    model = MacsModel(graph, layer_macs)
+    from graphprune.planning.target import blockers
+
+    ranking = ranking_of(gids) if isinstance(gids, Mapping) else None
+    model = MacsModel(graph, layer_macs, ranking)
     gids = list(gids)
     for gid in gids:
         n = graph.groups[gid].channels
@@ -177,17 +211,20 @@ def out_of_reach(
         at=f"one channel in each of the {len(gids)} groups it can prune (rounded up to a "
         f"multiple of round_to={round_to})",
         fix="lower round_to",
+        limits=blockers(graph, layer_macs),
     )
 
 
-def unreachable(flops_target: float, floor: float, *, who: str, at: str, fix: str) -> PlanError:
+def unreachable(
+    flops_target: float, floor: float, *, who: str, at: str, fix: str, limits: str = ""
+) -> PlanError:
     """The one "out of reach" message: the target, the least reachable fraction ``floor`` and
     the state ``at`` which it is reached, and what to change (``fix``, or more prunable layers).
     """
     return PlanError(
         f"flops_target={flops_target} is out of reach{f' for {who}' if who else ''}: with "
         f"{at}, {floor:.3f} of the dense MACs remain; ask for at least {floor:.3f}, {fix}, or "
-        "make more layers prunable"
+        "make more layers prunable" + (f". What limits pruning:{limits}" if limits else "")
     )
 
 

@@ -1,0 +1,217 @@
+"""Coverage of real model zoos: does compress() reach the target, exactly, on real networks?
+
+One record per model (``check_model``): how it traced (plainly, or with frozen submodules),
+its channel groups, the share of dense MACs a prunable group touches, the MACs ratio
+``compress(model, "magnitude", flops_target=0.5)`` reached (measured independently with
+FlopCounterMode on the returned model against the user's model), exactness of a random plan
+(zero the planned-away channels in every member, then prune: outputs must not move), output
+shapes kept, the user's model untouched, and the time of each stage.
+
+The outcome of a model is one of:
+
+- ``ok``: target reached within ``TOLERANCE``, exact, every output shape kept, model untouched;
+- ``refused``: compress raised PlanError (an honest "cannot", with its reason);
+- ``shortfall``: compress returned a model with more MACs than asked and no error (a bug);
+- ``inexact`` / ``shape`` / ``mutated``: the returned model is wrong in that way (a bug);
+- ``error``: any other exception (trace failure, a pass breaking, ...).
+
+The model lists live in ``graphprune.testing.zoo_lists``; this module needs only torch.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from graphprune.planning.target import TOLERANCE
+
+
+@dataclass(frozen=True, slots=True)
+class ZooRecord:
+    """What one model did. Times are seconds; ratios are remaining / dense MACs."""
+
+    name: str
+    source: str
+    input_shape: tuple[int, ...]
+    status: str
+    reason: str = ""
+    traced: str = ""  # "plain", "frozen: a.b (why); ..." or "" when tracing failed
+    groups: int = 0
+    prunable_groups: int = 0
+    prunable_macs_share: float | None = None  # dense MACs in layers a prunable group shrinks
+    dense_gmacs: float | None = None
+    reached: float | None = None
+    exact_error: float | None = None  # max |pruned - zeroed| / max |zeroed| on a random plan
+    shapes_kept: bool | None = None
+    untouched: bool | None = None
+    trace_s: float | None = None
+    analyze_s: float | None = None
+    compress_s: float | None = None
+    exact_s: float | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _flatten(out: object) -> list[torch.Tensor]:
+    from graphprune.backends.onnx import flatten_outputs
+
+    return flatten_outputs(out)
+
+
+def _fingerprint(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a
+    )
+
+
+def _timed(fn: Callable[[], object]) -> tuple[object, float]:
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def _short(exc: BaseException, limit: int = 400) -> str:
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ").strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def prunable_share(graph, layer_macs: dict[str, int]) -> float:
+    """Share of the dense MACs in conv/linear layers that some prunable group shrinks."""
+    prunable = np.array([g.prunable for g in graph.groups], dtype=bool)
+    total = touched = 0
+    for layer in graph.mac_layers:
+        macs = int(layer_macs.get(layer.target, 0))
+        total += macs
+        sides = [a for a in (layer.in_atoms, layer.out_atoms) if a is not None]
+        if any(a.size and prunable[graph.atom_group[a.reshape(-1)]].any() for a in sides):
+            touched += macs
+    return touched / total if total else 0.0
+
+
+@torch.no_grad()
+def exactness_error(model: nn.Module, x: Sequence[torch.Tensor], *, seed: int = 0) -> float | None:
+    """Zero the channels a random plan drops, then prune them: the relative output change.
+
+    Norm statistics and affine parameters are randomized first, so the check is not vacuous.
+    None when the model has no exact prunable group to plan over.
+    """
+    from graphprune.analysis import build_channel_graph
+    from graphprune.frontend.fallback import trace_with_fallback
+    from graphprune.passes import prune_channels
+    from graphprune.passes.runner import PassContext
+    from graphprune.testing.exactness import random_plan, randomize_, zero_dropped_channels
+
+    gm = trace_with_fallback(model, x)
+    randomize_(gm, seed)
+    graph = build_channel_graph(gm)
+    plan = random_plan(graph, np.random.default_rng(seed))
+    if not plan:
+        return None
+    zero_dropped_channels(gm, graph, plan)
+    gm.eval()
+    zeroed = _flatten(gm(*x))
+    prune_channels(gm, PassContext(plan=plan, round_to=1))
+    pruned = _flatten(gm(*x))
+    err = 0.0
+    for a, b in zip(zeroed, pruned, strict=True):
+        if a.shape != b.shape:
+            return float("inf")
+        scale = a.abs().max().item() if a.numel() else 0.0
+        diff = (a - b).abs().max().item() if a.numel() else 0.0
+        err = max(err, diff / max(scale, 1e-12))
+    return err
+
+
+def check_model(
+    name: str,
+    source: str,
+    build: Callable[[], nn.Module],
+    input_shape: tuple[int, ...],
+    *,
+    target: float = 0.5,
+    exact_tol: float = 1e-4,
+    seed: int = 0,
+) -> ZooRecord:
+    """Run the whole check on one model; never raises (a failure is a record)."""
+    import graphprune as gp
+    from graphprune.analysis import build_channel_graph
+    from graphprune.errors import PlanError
+    from graphprune.frontend.fallback import frozen_submodules, trace_with_fallback
+
+    torch.manual_seed(seed)
+    base = dict(name=name, source=source, input_shape=tuple(input_shape))
+    try:
+        model = build().eval()
+    except Exception as exc:
+        return ZooRecord(**base, status="error", reason="building: " + _short(exc))
+    x = (torch.randn(input_shape),)
+    with torch.no_grad():
+        ref = _flatten(model(*x))
+    before = _fingerprint(model)
+    info: dict[str, object] = {}
+    try:
+        gm, info["trace_s"] = _timed(lambda: trace_with_fallback(model, x))
+    except Exception as exc:
+        return ZooRecord(**base, status="error", reason="trace: " + _short(exc))
+    frozen = frozen_submodules(gm)
+    info["traced"] = (
+        "plain" if not frozen else "frozen: " + "; ".join(f"{k} ({v})" for k, v in frozen.items())
+    )
+    try:
+        t = time.perf_counter()
+        graph = build_channel_graph(gm)
+        info["analyze_s"] = time.perf_counter() - t
+        dense = gp.count_macs(model, x)
+        layer_macs = gp.count_macs(gm, x).per_layer
+        info["groups"] = len(graph.groups)
+        info["prunable_groups"] = sum(g.prunable for g in graph.groups)
+        info["prunable_macs_share"] = prunable_share(graph, layer_macs)
+        info["dense_gmacs"] = dense.macs / 1e9
+    except Exception as exc:
+        return ZooRecord(**base, **info, status="error", reason="analysis: " + _short(exc))
+    del gm, graph
+    try:
+        result, info["compress_s"] = _timed(
+            lambda: gp.compress(model, "magnitude", example_inputs=x, flops_target=target)
+        )
+    except PlanError as exc:
+        info["untouched"] = _same_state(before, _fingerprint(model))
+        return ZooRecord(**base, **info, status="refused", reason=_short(exc, 600))
+    except Exception as exc:
+        tb = traceback.extract_tb(exc.__traceback__)[-1]
+        where = f" (at {tb.filename.rsplit('/', 2)[-1]}:{tb.lineno})"
+        return ZooRecord(**base, **info, status="error", reason="compress: " + _short(exc) + where)
+    info["untouched"] = _same_state(before, _fingerprint(model))
+    pruned = result.model
+    info["reached"] = gp.count_macs(pruned, x).macs / dense.macs
+    with torch.no_grad():
+        out = _flatten(pruned(*x))
+    info["shapes_kept"] = [t.shape for t in out] == [t.shape for t in ref]
+    del result, pruned, out
+    try:
+        info["exact_error"], info["exact_s"] = _timed(lambda: exactness_error(model, x, seed=seed))
+    except Exception as exc:
+        return ZooRecord(**base, **info, status="error", reason="exactness: " + _short(exc))
+    status, reason = "ok", ""
+    if info["reached"] > target + TOLERANCE:
+        status = "shortfall"
+        reason = f"compress returned {info['reached']:.3f} of the MACs for target {target}"
+    elif info["exact_error"] is not None and not info["exact_error"] <= exact_tol:
+        status, reason = "inexact", f"random plan moved outputs by {info['exact_error']:.2e}"
+    elif not info["shapes_kept"]:
+        status, reason = "shape", "an output shape changed"
+    elif not info["untouched"]:
+        status, reason = "mutated", "compress changed the user's model"
+    return ZooRecord(**base, **info, status=status, reason=reason)

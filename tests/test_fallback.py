@@ -1,0 +1,126 @@
+"""The tracing fallback: a submodule fx cannot trace is frozen, the rest is still pruned."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import graphprune as gp
+from graphprune.analysis import build_channel_graph
+from graphprune.errors import TraceError
+from graphprune.frontend.fallback import frozen_submodules, trace_with_fallback
+from graphprune.testing.zoo import Untraceable
+
+
+class PadToMultiple(nn.Module):
+    """Python control flow on a shape, as in window attention or patch embeddings: fx sees
+    a Proxy where the code needs a bool. Holds a conv, so freezing it must keep its weights."""
+
+    def __init__(self, channels: int, multiple: int = 8) -> None:
+        super().__init__()
+        self.multiple = multiple
+        self.mix = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.shape[-1]
+        if h % self.multiple != 0:
+            x = F.pad(
+                x, (0, self.multiple - h % self.multiple, 0, self.multiple - h % self.multiple)
+            )
+        return self.mix(x)
+
+
+class Net(nn.Module):
+    """Prunable convs before and after a block fx cannot trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.ReLU())
+        self.neck = nn.Conv2d(64, 16, 1)
+        self.pad = PadToMultiple(16)
+        self.tail = nn.Sequential(nn.Conv2d(16, 64, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pad(self.neck(self.body(self.stem(x))))
+        return self.fc(self.tail(x).mean((2, 3)))
+
+
+X = torch.randn(2, 3, 20, 20)  # 20 is not a multiple of 8: the padding branch runs
+
+
+def test_plain_trace_fails_and_names_the_submodule() -> None:
+    with pytest.raises(TraceError) as err:
+        gp.trace(Net(), (X,))
+    assert err.value.module_path == "pad"
+
+
+def test_fallback_freezes_only_the_failing_submodule_and_keeps_outputs() -> None:
+    torch.manual_seed(0)
+    model = Net().eval()
+    gm = trace_with_fallback(model, (X,))
+    frozen = frozen_submodules(gm)
+    assert list(frozen) == ["pad"]
+    assert "control flow" in frozen["pad"]
+    call = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "pad"]
+    assert len(call) == 1  # one opaque call; the padding branch is not in the graph
+    with torch.no_grad():
+        torch.testing.assert_close(gm(X), model(X))
+    groups = build_channel_graph(gm).groups
+    by_producer = {g.producers: g for g in groups}
+    assert by_producer[("neck",)].prunable is False  # read by the frozen block
+    assert by_producer[("stem.0",)].prunable and by_producer[("body.0",)].prunable
+    assert by_producer[("tail.0",)].prunable
+
+
+def test_compress_prunes_around_a_frozen_submodule_and_reports_it() -> None:
+    torch.manual_seed(0)
+    model = Net().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = gp.compress(model, "magnitude", example_inputs=(X,), flops_target=0.6, round_to=1)
+    dense = gp.count_macs(model, (X,)).macs
+    assert gp.count_macs(result.model, (X,)).macs / dense <= 0.61
+    assert list(result.report.extra["frozen_submodules"]) == ["pad"]
+    pruned = result.model
+    assert pruned.get_submodule("pad.mix").weight.shape == (16, 16, 1, 1)  # frozen: untouched
+    assert pruned.get_submodule("body.0").weight.shape[0] < 64  # the rest is pruned
+    with torch.no_grad():
+        assert pruned(X).shape == model(X).shape
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_failure_in_the_models_own_forward_still_raises() -> None:
+    with pytest.raises(TraceError, match="could not trace Untraceable"):
+        trace_with_fallback(Untraceable(), (torch.randn(1, 3, 32, 32),))
+
+
+class _Outer(nn.Module):
+    """A parent that branches on its (frozen) child's output shape: both get frozen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pad = PadToMultiple(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pad(x)
+        return y * 2 if y.shape[-1] > 8 else y
+
+
+class _Wrap(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _Outer()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.inner(x))
+
+
+def test_freezing_repeats_up_the_module_tree() -> None:
+    gm = trace_with_fallback(_Wrap(), (X,))
+    assert list(frozen_submodules(gm)) == ["inner.pad", "inner"]
+    with pytest.raises(TraceError, match="after freezing inner.pad"):
+        trace_with_fallback(_Wrap(), (X,), max_frozen=1)

@@ -1,0 +1,167 @@
+"""No silent shortfall: compress reaches the MACs target (within 0.01, measured by
+FlopCounterMode) or raises PlanError saying what blocks more. One small model per cause of
+a past shortfall: a member that sees only some of its group's channels, and MACs outside
+every prunable layer."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import graphprune as gp
+from graphprune.analysis import build_channel_graph
+from graphprune.errors import PlanError
+from graphprune.planning.macs import MacsReport
+from graphprune.planning.selection import (
+    MacsModel,
+    l2_scores,
+    normalized,
+    ranking_of,
+)
+from graphprune.planning.target import TOLERANCE, check_reached
+from graphprune.testing.zoo import ZOO, ZOO_INPUT_SHAPE, UnknownOp
+
+
+def _ratio(model: nn.Module, pruned: nn.Module, x: torch.Tensor) -> float:
+    return gp.count_macs(pruned, (x,)).macs / gp.count_macs(model, (x,)).macs
+
+
+class SplitHeavy(nn.Module):
+    """One conv's channels split into a half read by a heavy conv and a half read by a light
+    one (the shape of ShuffleNet's and Res2Net's splits). Channels 8..15 have small weights, so
+    a magnitude plan drops them first, and they only feed the light conv: the MACs fall far
+    less than "fraction of the group kept" predicts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.heavy = nn.Conv2d(8, 32, 3, padding=1)
+        self.light = nn.Conv2d(8, 4, 1)
+        self.fc = nn.Linear(36, 10)
+        with torch.no_grad():
+            self.conv.weight[8:] *= 0.01
+            self.conv.bias[8:] *= 0.01
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.conv(x).split(8, dim=1)
+        y = torch.cat([self.heavy(a), self.light(b)], dim=1)
+        return self.fc(y.mean((2, 3)))
+
+
+class FunctionalLinear(nn.Module):
+    """A third of the MACs in a functional linear no channel group shrinks: the target is a
+    fraction of all MACs, not of the prunable layers' MACs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU()
+        )
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.proj = nn.Parameter(torch.randn(4096, 32 * 16) * 0.01)
+        self.fc = nn.Linear(4096, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pool(self.convs(x)).flatten(1)
+        return self.fc(F.linear(y, self.proj))
+
+
+X = torch.randn(1, 3, 16, 16)
+
+
+@pytest.mark.parametrize("keep", [4, 8, 12])
+def test_subset_members_are_counted_by_which_channels_are_kept(keep: int) -> None:
+    from graphprune.passes import prune_channels
+    from graphprune.passes.runner import PassContext
+
+    torch.manual_seed(0)
+    gm = gp.trace(SplitHeavy().eval(), (X,))
+    graph = build_channel_graph(gm)
+    layer_macs = gp.count_macs(gm, (X,)).per_layer
+    ranking = ranking_of(normalized(l2_scores(gm, graph)))
+    (gid,) = [g.id for g in graph.groups if g.producers == ("conv",)]
+    assert set(ranking[gid][:8].tolist()) == set(range(8))  # the heavy half ranks first
+    predicted = MacsModel(graph, layer_macs, ranking)
+    predicted.set_kept(gid, keep)
+    uniform = MacsModel(graph, layer_macs)
+    uniform.set_kept(gid, keep)
+    # Brute force: keep the best `keep` channels, prune, count with FlopCounterMode.
+    plan = {gid: np.sort(ranking[gid][:keep])}
+    if keep <= 8:  # the light half would be left empty: not a valid plan, skip pruning it
+        plan = {gid: np.sort(np.concatenate([ranking[gid][:keep], [15]]))}
+        rest = [c for c in ranking[gid][keep:].tolist() if c != 15]
+        predicted = MacsModel(graph, layer_macs, {gid: np.array([*ranking[gid][:keep], 15, *rest])})
+        predicted.set_kept(gid, keep + 1)
+    prune_channels(gm, PassContext(plan=plan, round_to=1))
+    measured = gp.count_macs(gm, (X,)).macs
+    assert predicted.macs == pytest.approx(measured, rel=1e-9)
+    assert uniform.macs != pytest.approx(measured, rel=1e-3)  # the old, uniform model was wrong
+
+
+@pytest.mark.parametrize("round_to", [1, 8])
+def test_compress_reaches_the_target_with_subset_members(round_to: int) -> None:
+    torch.manual_seed(0)
+    model = SplitHeavy().eval()
+    result = gp.compress(model, example_inputs=(X,), flops_target=0.5, round_to=round_to)
+    assert _ratio(model, result.model, X) <= 0.5 + TOLERANCE
+
+
+def test_macs_outside_modules_count_toward_the_dense_total() -> None:
+    torch.manual_seed(0)
+    model = FunctionalLinear().eval()
+    report = gp.count_macs(model, (X,))
+    assert sum(report.per_layer.values()) == report.macs
+    assert report.per_layer[""] == 4096 * 32 * 16  # the functional linear, by hand
+    result = gp.compress(model, example_inputs=(X,), flops_target=0.6, round_to=1)
+    assert _ratio(model, result.model, X) <= 0.6 + TOLERANCE
+    assert result.report.macs_ratio == pytest.approx(_ratio(model, result.model, X))
+
+
+def test_unreachable_target_names_the_floor_and_what_blocks() -> None:
+    torch.manual_seed(0)
+    with pytest.raises(PlanError) as err:
+        gp.compress(FunctionalLinear().eval(), example_inputs=(X,), flops_target=0.2)
+    msg = str(err.value)
+    floor = float(re.search(r"(\d\.\d+) of the dense MACs remain", msg).group(1))
+    assert 0.2 < floor < 1
+    assert "outside any prunable conv/linear" in msg
+
+
+def test_blocked_layers_are_named_with_their_reason() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(ZOO_INPUT_SHAPE)
+    with pytest.raises(PlanError) as err:
+        gp.compress(UnknownOp().eval(), example_inputs=(x,), flops_target=0.05)
+    assert "cumsum" in str(err.value) and "of the MACs sit in layers" in str(err.value)
+
+
+def test_check_reached_refuses_a_shortfall_and_states_the_ratio() -> None:
+    torch.manual_seed(0)
+    gm = gp.trace(SplitHeavy(), (X,))
+    graph = build_channel_graph(gm)
+    dense = MacsReport(macs=1000, params=0, per_layer={"heavy": 1000})
+    assert check_reached(0.5, dense, MacsReport(510, 0, {}), graph) == 0.51
+    with pytest.raises(PlanError, match="keeps 0.520 of the dense MACs"):
+        check_reached(0.5, dense, MacsReport(520, 0, {}), graph)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_every_zoo_model_reaches_half_or_refuses(name: str) -> None:
+    torch.manual_seed(0)
+    model = ZOO[name]().eval()
+    x = torch.randn(ZOO_INPUT_SHAPE)
+    try:
+        result = gp.compress(model, example_inputs=(x,), flops_target=0.5)
+    except PlanError as exc:
+        assert "What limits pruning" in str(exc) or "no prunable channel group" in str(exc)
+        return
+    except gp.TraceError:
+        assert name == "untraceable"
+        return
+    assert _ratio(model, result.model, x) <= 0.5 + TOLERANCE
+    assert np.isclose(result.report.macs_ratio, _ratio(model, result.model, x))
