@@ -13,6 +13,27 @@ $(BIN)/graphprune: pyproject.toml
 
 setup: $(BIN)/graphprune
 
+# The real-zoo tier lives in its own venv (.venv-zoo) so `make test` stays light: torch 2.14.1
+# with torchvision 0.29.1 (a second torch version, as users have), timm, ultralytics and
+# Torch-Pruning, and graphprune itself editable (the package-dir mapping works with -e).
+ZOO_VENV := .venv-zoo
+ZOO_BIN := $(ZOO_VENV)/bin
+
+$(ZOO_BIN)/zoo-ready: pyproject.toml
+	$(PY) -m venv $(ZOO_VENV)
+	$(ZOO_BIN)/pip install -q --upgrade pip
+	$(ZOO_BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(ZOO_BIN)/pip install -q timm ultralytics 'torch-pruning>=1.6' pytest
+	$(ZOO_BIN)/pip install -q -e .
+	touch $@
+
+zoo-setup: $(ZOO_BIN)/zoo-ready
+
+# Every torchvision classifier, 100 timm architectures, YOLOv8n and segmentation nets:
+# writes COVERAGE.md and benchmarks/results/zoo_coverage.json (see tests_zoo/).
+test-zoo: zoo-setup
+	YOLO_OFFLINE=1 $(ZOO_BIN)/python -m pytest -q -p no:cacheprovider tests_zoo
+
 demo: setup
 	$(BIN)/graphprune demo
 
@@ -20,7 +41,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check graphprune passes backends tests benchmarks examples
-	$(BIN)/ruff format --check graphprune passes backends tests benchmarks examples
+	$(BIN)/ruff check graphprune passes backends tests tests_zoo benchmarks examples
+	$(BIN)/ruff format --check graphprune passes backends tests tests_zoo benchmarks examples
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint zoo-setup test-zoo

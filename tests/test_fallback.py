@@ -83,7 +83,8 @@ def test_compress_prunes_around_a_frozen_submodule_and_reports_it() -> None:
     result = gp.compress(model, "magnitude", example_inputs=(X,), flops_target=0.6, round_to=1)
     dense = gp.count_macs(model, (X,)).macs
     assert gp.count_macs(result.model, (X,)).macs / dense <= 0.61
-    assert list(result.report.extra["frozen_submodules"]) == ["pad"]
+    assert list(result.report.frozen_submodules) == ["pad"]
+    assert "frozen (not traced, not pruned): pad" in result.report.format()
     pruned = result.model
     assert pruned.get_submodule("pad.mix").weight.shape == (16, 16, 1, 1)  # frozen: untouched
     assert pruned.get_submodule("body.0").weight.shape[0] < 64  # the rest is pruned

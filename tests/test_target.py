@@ -77,7 +77,6 @@ X = torch.randn(1, 3, 16, 16)
 @pytest.mark.parametrize("keep", [4, 8, 12])
 def test_subset_members_are_counted_by_which_channels_are_kept(keep: int) -> None:
     from graphprune.passes import prune_channels
-    from graphprune.passes.runner import PassContext
 
     torch.manual_seed(0)
     gm = gp.trace(SplitHeavy().eval(), (X,))
@@ -97,7 +96,7 @@ def test_subset_members_are_counted_by_which_channels_are_kept(keep: int) -> Non
         rest = [c for c in ranking[gid][keep:].tolist() if c != 15]
         predicted = MacsModel(graph, layer_macs, {gid: np.array([*ranking[gid][:keep], 15, *rest])})
         predicted.set_kept(gid, keep + 1)
-    prune_channels(gm, PassContext(plan=plan, round_to=1))
+    prune_channels(gm, plan=plan, round_to=1)
     measured = gp.count_macs(gm, (X,)).macs
     assert predicted.macs == pytest.approx(measured, rel=1e-9)
     assert uniform.macs != pytest.approx(measured, rel=1e-3)  # the old, uniform model was wrong

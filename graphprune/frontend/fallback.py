@@ -7,7 +7,9 @@ refuse the whole model, ``trace_with_fallback`` retries with that submodule kept
 leaf call: its channels, and those of the tensors it reads, become unprunable (the channel
 rules block an op they cannot see into), everything else is analyzed and pruned as usual.
 It repeats up to ``max_frozen`` times, since freezing one module can expose the next
-(a parent that branches on its child's output shape).
+(a parent that branches on its child's output shape). A model whose own ``forward`` takes
+``*args``/``**kwargs`` (fx would iterate a Proxy) is traced through a wrapper that passes the
+example inputs positionally, and the wrapper is stripped from the result.
 
 Invariant: a frozen submodule's weights are never sliced, so its forward runs unchanged on
 inputs of the shapes it was traced with. The frozen modules and the reason each was frozen
@@ -16,6 +18,7 @@ are recorded in ``gm.meta[FROZEN]`` and appear in the compression report.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -40,13 +43,34 @@ def trace_with_fallback(
     Raises the last TraceError when the failure is in the model's own forward (nothing to
     freeze), in a submodule already frozen, or after ``max_frozen`` submodules.
     """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
     leaf_modules = tuple(leaf_modules)
     frozen: dict[str, str] = {}
+    wrap = False
     while True:
         try:
-            gm = trace(model, example_inputs, leaf_modules=leaf_modules, leaf_names=tuple(frozen))
+            if wrap:
+                names = tuple(_WRAPPED + n for n in frozen)
+                gm = trace(
+                    _positional(model, len(example_inputs)),
+                    example_inputs,
+                    leaf_modules=leaf_modules,
+                    leaf_names=names,
+                )
+                gm = _unwrap(gm, type(model).__name__)
+            else:
+                gm = trace(
+                    model, example_inputs, leaf_modules=leaf_modules, leaf_names=tuple(frozen)
+                )
         except TraceError as exc:
             path = exc.module_path
+            if wrap and path is not None:
+                path = path[len(_WRAPPED) :] if path.startswith(_WRAPPED) else None
+            if not wrap and not path and not frozen and _takes_varargs(model):
+                wrap = True
+                continue
             if not path or path in frozen or len(frozen) >= max_frozen:
                 if frozen:
                     note = ", ".join(frozen)
@@ -61,6 +85,37 @@ def trace_with_fallback(
 def frozen_submodules(gm: fx.GraphModule) -> dict[str, str]:
     """Submodule name -> why it was frozen (empty when the model traced whole)."""
     return dict(gm.meta.get(FROZEN, {}))
+
+
+_WRAPPED = "model."
+
+
+def _positional(model: nn.Module, count: int) -> nn.Module:
+    """A module whose forward takes exactly ``count`` inputs and calls ``model`` with them,
+    so fx sees named placeholders instead of ``*args``. fx traces ``type(root).forward``,
+    hence a class made for this arity."""
+    names = ", ".join(f"input_{i}" for i in range(count))
+    scope: dict[str, object] = {}
+    exec(f"def forward(self, {names}):\n    return self.model({names})", scope)  # noqa: S102
+    cls = type("Positional", (nn.Module,), {"forward": scope["forward"]})
+    wrapper = cls()
+    wrapper.model = model
+    return wrapper
+
+
+def _takes_varargs(model: nn.Module) -> bool:
+    kinds = {p.kind for p in inspect.signature(model.forward).parameters.values()}
+    return bool(kinds & {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD})
+
+
+def _unwrap(gm: fx.GraphModule, name: str) -> fx.GraphModule:
+    """The same graph over the inner model: targets lose the wrapper's ``model.`` prefix."""
+    for node in gm.graph.nodes:
+        if node.op in ("call_module", "get_attr") and str(node.target).startswith(_WRAPPED):
+            node.target = str(node.target)[len(_WRAPPED) :]
+    inner = fx.GraphModule(gm.get_submodule("model"), gm.graph, name)
+    inner.meta.update(gm.meta)
+    return inner
 
 
 def _first_line(exc: TraceError) -> str:

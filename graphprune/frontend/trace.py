@@ -46,6 +46,17 @@ class _LeafTracer(fx.Tracer):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _PartsProxy(node, self)
+
+    def iter(self, obj: fx.Proxy):
+        """``list(x.chunk(2, 1))`` or ``for part in x.split([a, b], 1)``: the number of parts
+        is in the call's arguments, so iterating the Proxy is well defined."""
+        count = _static_parts(obj.node)
+        if count is None:
+            return super().iter(obj)
+        return iter([obj[i] for i in range(count)])
+
     def call_module(self, m, forward, args, kwargs):
         try:
             return super().call_module(m, forward, args, kwargs)
@@ -53,6 +64,28 @@ class _LeafTracer(fx.Tracer):
             if self.failed_in is None:  # the innermost module raises first
                 self.failed_in = self.path_of_module(m)
             raise
+
+
+class _PartsProxy(fx.Proxy):
+    """A Proxy whose ``len()`` is known when it is the result of chunk/split with static
+    arguments (``list(proxy)`` asks for the length before iterating)."""
+
+    def __len__(self) -> int:
+        count = _static_parts(self.node)
+        return super().__len__() if count is None else count
+
+
+def _static_parts(node: fx.Node) -> int | None:
+    """How many tensors a chunk/split call returns, when its arguments say so."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    args = node.args[1:]  # after the tensor, for torch.chunk(x, n) and x.chunk(n) alike
+    if name == "chunk":
+        n = args[0] if args else node.kwargs.get("chunks")
+        return n if isinstance(n, int) else None
+    if name == "split":
+        sizes = args[0] if args else node.kwargs.get("split_size_or_sections")
+        return len(sizes) if isinstance(sizes, (list, tuple)) else None
+    return None
 
 
 def trace(

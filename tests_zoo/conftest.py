@@ -1,0 +1,80 @@
+"""The real-zoo tier (``make test-zoo``): collects one record per model and, at the end of
+the session, writes benchmarks/results/zoo_coverage.json and COVERAGE.md (``--zoo-out=DIR``
+to write them elsewhere, ``--zoo-out=`` not at all)."""
+
+from __future__ import annotations
+
+import json
+import platform
+from datetime import date
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDS: list[dict] = []
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--zoo-out", default=str(ROOT), help="repository root to write results in")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    out = session.config.getoption("--zoo-out")
+    if not out or not RECORDS:
+        return
+    from test_zoo import KNOWN, SKIP_REASONS
+
+    from graphprune.testing.coverage_table import markdown
+    from graphprune.testing.real_zoos import SKIPPED
+
+    out = Path(out)
+    order = {r["source"]: i for i, r in enumerate(RECORDS)}
+    records = sorted(RECORDS, key=lambda r: (order[r["source"]], r["name"]))
+    results = out / "benchmarks" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    meta = machine()
+    (results / "zoo_coverage.json").write_text(
+        json.dumps({"machine": meta, "records": records}, indent=1)
+    )
+    header = (
+        "# Real-zoo coverage\n\n"
+        '`compress(model, "magnitude", example_inputs=(x,), flops_target=0.5)` (round_to=8) on '
+        "randomly initialised models at their default input size, batch 1. *reached*: remaining "
+        "/ dense MACs counted by FlopCounterMode (conv + linear); *ok* means within 0.01 of the "
+        "target, exact on a random plan (zero the planned-away channels, then prune: outputs "
+        "equal, max relative error shown), every output shape kept and the user's model "
+        "untouched. *prunable MACs*: share of the dense MACs in layers some prunable group "
+        "shrinks. Known failures are listed in `tests_zoo/known_failures.json` with the reason "
+        "shown here.\n\n"
+        f"Produced by `make test-zoo` on {meta['date']}, {meta['cpu']}, {meta['threads']} "
+        f"threads, torch {meta['torch']}, {meta['libs']} (machine shared with other jobs: times "
+        "are indicative)."
+    )
+    skipped = {**SKIPPED, **SKIP_REASONS}
+    (out / "COVERAGE.md").write_text(markdown(records, skipped, KNOWN, header=header))
+
+
+def machine() -> dict:
+    cpu = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    libs = []
+    for name in ("torchvision", "timm", "ultralytics"):
+        try:
+            libs.append(f"{name} {__import__(name).__version__}")
+        except ImportError:
+            pass
+    return {
+        "date": date.today().isoformat(),
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "libs": ", ".join(libs),
+    }
