@@ -29,10 +29,12 @@ $(ZOO_BIN)/zoo-ready: pyproject.toml
 
 zoo-setup: $(ZOO_BIN)/zoo-ready
 
-# Every torchvision classifier, 100 timm architectures, YOLOv8n and segmentation nets:
-# writes COVERAGE.md and benchmarks/results/zoo_coverage.json (see tests_zoo/).
+# The CI list (one or two models per family); ZOO=full: every torchvision classifier that fits,
+# 100 timm architectures, YOLOv8n and segmentation nets. Writes COVERAGE.md and
+# benchmarks/results/zoo_coverage.json (see tests_zoo/).
+ZOO ?= ci
 test-zoo: zoo-setup
-	YOLO_OFFLINE=1 $(ZOO_BIN)/python -m pytest -q -p no:cacheprovider tests_zoo
+	GRAPHPRUNE_ZOO=$(ZOO) YOLO_OFFLINE=1 $(ZOO_BIN)/python -m pytest -q -p no:cacheprovider tests_zoo
 
 demo: setup
 	$(BIN)/graphprune demo
