@@ -125,3 +125,44 @@ def test_freezing_repeats_up_the_module_tree() -> None:
     assert list(frozen_submodules(gm)) == ["inner.pad", "inner"]
     with pytest.raises(TraceError, match="after freezing inner.pad"):
         trace_with_fallback(_Wrap(), (X,), max_frozen=1)
+
+
+class VarArgs(nn.Module):
+    """A forward that takes ``*args, **kwargs`` (ultralytics' models do): fx would iterate a
+    Proxy for them. C2f-style ``list(x.chunk(2, 1))`` inside: the chunk count is static."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cv1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.m = nn.ModuleList(nn.Conv2d(16, 16, 3, padding=1) for _ in range(2))
+        self.cv2 = nn.Conv2d(64, 8, 1)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if kwargs.get("augment"):
+            x = x.flip(-1)
+        y = list(self.cv1(x).chunk(2, 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+def test_varargs_forward_is_traced_through_a_wrapper_that_leaves_no_trace() -> None:
+    torch.manual_seed(0)
+    model = VarArgs().eval()
+    gm = trace_with_fallback(model, (X,))
+    assert frozen_submodules(gm) == {}
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    assert targets == {"cv1", "m.0", "m.1", "cv2"}  # the model's own names, no wrapper prefix
+    with torch.no_grad():
+        torch.testing.assert_close(gm(X), model(X))
+    result = gp.compress(model, example_inputs=(X,), flops_target=0.5, round_to=1)
+    assert gp.count_macs(result.model, (X,)).macs / gp.count_macs(model, (X,)).macs <= 0.51
+    assert result.model.get_submodule("cv1").weight.shape[0] < 32
+
+
+def test_list_of_a_static_chunk_traces_plainly() -> None:
+    class Block(VarArgs):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # no *args: plain trace
+            return super().forward(x)
+
+    gm = gp.trace(Block().eval(), (X,))
+    assert sum(n.target == "chunk" for n in gm.graph.nodes) == 1
