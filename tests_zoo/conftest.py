@@ -1,6 +1,7 @@
-"""The real-zoo tier (``make test-zoo``): collects one record per model and, at the end of
-the session, writes benchmarks/results/zoo_coverage.json and COVERAGE.md (``--zoo-out=DIR``
-to write them elsewhere, ``--zoo-out=`` not at all)."""
+"""The real-zoo tier (``make test-zoo``): collects one record per model and, after every
+model (so an interrupted run keeps what it measured), writes
+benchmarks/results/zoo_coverage.json and COVERAGE.md (``--zoo-out=DIR`` to write them
+elsewhere, ``--zoo-out=`` not at all)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--zoo-out", default=str(ROOT), help="repository root to write results in")
 
 
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    out = session.config.getoption("--zoo-out")
+def write_results(config: pytest.Config) -> None:
+    out = config.getoption("--zoo-out")
     if not out or not RECORDS:
         return
     from test_zoo import KNOWN, SKIP_REASONS

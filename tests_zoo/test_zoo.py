@@ -13,7 +13,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import RECORDS
+from conftest import RECORDS, write_results
 
 from graphprune.testing.coverage import check_model
 from graphprune.testing.real_zoos import zoo_specs
@@ -31,7 +31,7 @@ def _alarm(signum, frame):
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=[f"{s.source}/{s.name}" for s in SPECS])
-def test_model(spec) -> None:
+def test_model(spec, request: pytest.FixtureRequest) -> None:
     key = f"{spec.source}/{spec.name}"
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(PER_MODEL_SECONDS)
@@ -42,6 +42,7 @@ def test_model(spec) -> None:
         signal.signal(signal.SIGALRM, old)
         gc.collect()
     RECORDS.append(record.to_dict())
+    write_results(request.config)
     known = KNOWN.get(key)
     if record.status == "ok":
         assert known is None, f"{key} now passes: delete its entry from known_failures.json"
