@@ -23,16 +23,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def write_results(config: pytest.Config) -> None:
     out = config.getoption("--zoo-out")
-    if not out or not RECORDS:
-        return
+    if out and RECORDS:
+        render(Path(out), RECORDS)
+
+
+def render(out: Path, records: list[dict]) -> None:
+    """JSON and COVERAGE.md under the repository root ``out`` from zoo records."""
+    import os
+
     from test_zoo import KNOWN, SKIP_REASONS
 
     from graphprune.testing.coverage_table import markdown
     from graphprune.testing.real_zoos import SKIPPED
 
-    out = Path(out)
-    order = {r["source"]: i for i, r in enumerate(RECORDS)}
-    records = sorted(RECORDS, key=lambda r: (order[r["source"]], r["name"]))
+    order = {r["source"]: i for i, r in enumerate(records)}
+    records = sorted(records, key=lambda r: (order[r["source"]], r["name"]))
     results = out / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
     meta = machine()
@@ -49,7 +54,8 @@ def write_results(config: pytest.Config) -> None:
         "untouched. *prunable MACs*: share of the dense MACs in layers some prunable group "
         "shrinks. Known failures are listed in `tests_zoo/known_failures.json` with the reason "
         "shown here.\n\n"
-        f"Produced by `make test-zoo` on {meta['date']}, {meta['cpu']}, {meta['threads']} "
+        f"Produced by `make test-zoo ZOO={os.environ.get('GRAPHPRUNE_ZOO', 'ci')}` "
+        f"on {meta['date']}, {meta['cpu']}, {meta['threads']} "
         f"threads, torch {meta['torch']}, {meta['libs']} (machine shared with other jobs: times "
         "are indicative)."
     )
