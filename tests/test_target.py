@@ -164,3 +164,12 @@ def test_every_zoo_model_reaches_half_or_refuses(name: str) -> None:
         return
     assert _ratio(model, result.model, x) <= 0.5 + TOLERANCE
     assert np.isclose(result.report.macs_ratio, _ratio(model, result.model, x))
+
+
+def test_a_trained_methods_shortfall_is_a_warning_that_says_why() -> None:
+    torch.manual_seed(0)
+    gm = gp.trace(SplitHeavy(), (X,))
+    graph = build_channel_graph(gm)
+    dense = MacsReport(macs=1000, params=0, per_layer={"heavy": 1000})
+    with pytest.warns(UserWarning, match="keeps 0.700 .* train longer"):
+        assert check_reached(0.5, dense, MacsReport(700, 0, {}), graph, trained=True) == 0.7

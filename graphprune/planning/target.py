@@ -9,6 +9,7 @@ no group touches, frozen submodules) that every refusal prints.
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Mapping
 
@@ -68,14 +69,31 @@ def check_reached(
     pruned: MacsReport,
     graph: ChannelGraph,
     frozen: Mapping[str, str] | None = None,
+    *,
+    trained: bool = False,
 ) -> float:
-    """The measured ratio, or PlanError when it exceeds the target by more than TOLERANCE."""
+    """The measured ratio, or PlanError when it exceeds the target by more than TOLERANCE.
+
+    A method that trained (ResRep) can end short when training stops before its masked
+    channels decay; raising would throw the trained model away, so that shortfall is a
+    warning with the same explanation, and the report's ``macs_ratio`` states it.
+    """
     ratio = pruned.macs / dense.macs
     if ratio > flops_target + TOLERANCE:
-        raise PlanError(
+        why = (
+            "training ended before the masked channels decayed below the folding threshold "
+            "(see the report's stats); train longer or with a larger lr"
+            if trained
+            else "the planner's MACs model and the pruned model disagree; please report this "
+            "with the model"
+        )
+        msg = (
             f"flops_target={flops_target} was not reached: the pruned model keeps {ratio:.3f} of "
             f"the dense MACs (counted by FlopCounterMode), more than {flops_target} + "
-            f"{TOLERANCE}. The planner's MACs model and the pruned model disagree; please report "
-            f"this with the model. What limits pruning:{blockers(graph, dense.per_layer, frozen)}"
+            f"{TOLERANCE}: {why}. What limits pruning:{blockers(graph, dense.per_layer, frozen)}"
         )
+        if trained:
+            warnings.warn(msg, stacklevel=3)
+        else:
+            raise PlanError(msg)
     return ratio
