@@ -25,7 +25,7 @@ import torch
 from torch import fx, nn
 
 from graphprune.errors import TraceError
-from graphprune.frontend.trace import trace
+from graphprune.frontend.trace import as_inputs, trace
 
 FROZEN = "graphprune.frozen_submodules"
 MAX_FROZEN = 16
@@ -43,9 +43,7 @@ def trace_with_fallback(
     Raises the last TraceError when the failure is in the model's own forward (nothing to
     freeze), in a submodule already frozen, or after ``max_frozen`` submodules.
     """
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    example_inputs = tuple(example_inputs)
+    example_inputs = as_inputs(example_inputs)
     leaf_modules = tuple(leaf_modules)
     frozen: dict[str, str] = {}
     wrap = False
