@@ -21,7 +21,7 @@ from graphprune.testing.real_zoos import zoo_specs
 _KNOWN_FILE = json.loads((Path(__file__).parent / "known_failures.json").read_text())
 KNOWN: dict[str, dict[str, str]] = _KNOWN_FILE["failures"]
 SKIP_REASONS: dict[str, str] = _KNOWN_FILE.get("skipped", {})
-PER_MODEL_SECONDS = 420
+PER_MODEL_SECONDS = 900
 
 SPECS = [s for s in zoo_specs() if f"{s.source}/{s.name}" not in SKIP_REASONS]
 
