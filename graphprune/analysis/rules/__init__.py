@@ -163,4 +163,4 @@ def _placeholder(b: Builder, node: fx.Node) -> object:
 
 
 # The rule modules register themselves on import; they use the helpers above.
-from graphprune.analysis.rules import layers, shape_ops, tensor_ops  # noqa: E402,F401
+from graphprune.analysis.rules import layers, norms, shape_ops, tensor_ops  # noqa: E402,F401

@@ -1,0 +1,67 @@
+"""Rules for how model libraries write their layers: functional norms, attention, GRN, ...
+
+Each check compares against something independent of the rule under test: the same network
+through torch.nn modules (whose rules the zoo tests cover), or outputs of the unpruned model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graphprune import trace
+from graphprune.analysis import build_channel_graph
+from graphprune.passes import prune_channels
+from graphprune.passes.runner import verify
+from graphprune.testing.exactness import random_plan, randomize_
+from graphprune.testing.zoo import ZOO_INPUT_SHAPE
+from graphprune.testing.zoo_libs import FunctionalNorms
+
+
+def _traced(model: nn.Module):
+    torch.manual_seed(0)
+    gm = trace(model.eval(), (torch.randn(ZOO_INPUT_SHAPE),))
+    return gm, build_channel_graph(gm)
+
+
+def _summary(graph, rename: tuple[str, str] = ("", "")):
+    def members(g):
+        return sorted((m.name.replace(*rename), m.role, m.size) for m in g.members)
+
+    return [(g.channels, members(g), g.producers, g.prunable, g.exact) for g in graph.groups]
+
+
+def test_functional_norms_group_and_prune_like_the_torch_nn_modules() -> None:
+    """F.batch_norm / F.group_norm / F.layer_norm on a module's own parameters couple and
+    shrink exactly as BatchNorm2d / GroupNorm / LayerNorm modules do, inexact groups included
+    (a LayerNorm group pruned changes the output, but both forms must change it alike)."""
+    torch.manual_seed(0)
+    functional = randomize_(FunctionalNorms(functional=True))
+    modules = FunctionalNorms(functional=False)
+    state = {k.replace("ln.", "ln.norm."): v for k, v in functional.state_dict().items()}
+    modules.load_state_dict(state)
+    gm_f, graph_f = _traced(functional)
+    gm_m, graph_m = _traced(modules)
+    assert _summary(graph_f) == _summary(graph_m, rename=("ln.norm.", "ln."))
+    ln = [g for g in graph_f.groups if any(m.name == "ln.weight[0]" for m in g.members)]
+    gn = [g for g in graph_f.groups if any(m.name == "gn.weight[0]" for m in g.members)]
+    assert len(ln) == 1 and ln[0].prunable and not ln[0].exact
+    # conv1 -> gn -> depthwise conv2 -> ln: one group whose unit is a whole norm group of 8
+    assert gn == ln and gn[0].channels == 4
+
+    plan = random_plan(graph_f, np.random.default_rng(3), exact_only=False)
+    assert ln[0].id in plan and len(plan[ln[0].id]) < 4
+    x = torch.randn(2, *ZOO_INPUT_SHAPE[1:])
+    prune_channels(gm_f, plan=plan, round_to=1)
+    prune_channels(gm_m, plan=plan, round_to=1)
+    verify(gm_f)
+    with torch.no_grad():
+        torch.testing.assert_close(gm_f(x), gm_m(x), atol=1e-5, rtol=1e-5)
+    # The functional calls' baked-in widths follow (the module form's attributes are
+    # covered by the module rules).
+    (gn_node,) = [n for n in gm_f.graph.nodes if n.target is F.group_norm]
+    assert gn_node.args[1] == len(plan[gn[0].id])
+    (ln_node,) = [n for n in gm_f.graph.nodes if n.target is F.layer_norm]
+    assert tuple(ln_node.args[1]) == (8 * len(plan[ln[0].id]),)
