@@ -44,11 +44,32 @@ def l2_scores(gm: fx.GraphModule, graph: ChannelGraph) -> dict[int, np.ndarray]:
 
 
 class MacsModel:
-    """Predicted MACs as a function of kept channels per group."""
+    """Predicted MACs as a function of which channels each group keeps.
 
-    def __init__(self, graph: ChannelGraph, layer_macs: Mapping[str, int]) -> None:
+    A group with scores keeps its top-``k`` channels (highest score first, as the planner
+    and the pruner keep them); any group may be given an explicit set. Each layer side counts
+    the group atoms it holds among the kept channels, so a layer that reads only part of a
+    group (one half of a split, a channel-shuffle branch) sees exactly the channels it loses.
+    A group without scores kept by count alone is predicted by its kept fraction (an average).
+    """
+
+    def __init__(
+        self,
+        graph: ChannelGraph,
+        layer_macs: Mapping[str, int],
+        scores: Mapping[int, np.ndarray] | None = None,
+    ) -> None:
         self.graph = graph
-        self.layers = []  # (dense macs, in size, out size, {gid: per-channel count} in/out)
+        self.order: dict[int, np.ndarray] = {}  # gid -> positions, first kept first
+        self.rank: dict[int, np.ndarray] = {}  # gid -> rank of each position in that order
+        self.ordered = set(scores or ())  # groups whose top-k by score is known
+        for g in graph.groups:
+            if scores is not None and g.id in scores:
+                self._set_order(g.id, np.argsort(-np.asarray(scores[g.id]), kind="stable"))
+            else:
+                self._set_order(g.id, np.arange(g.channels))
+        # per layer: (dense macs, [side: (atoms on that side, {gid: atoms per position})])
+        self.layers: list[tuple[int, list[tuple[int, dict[int, tuple]]]]] = []
         self.touching: dict[int, list[int]] = defaultdict(list)
         for layer in graph.mac_layers:
             dense = int(layer_macs.get(layer.target, 0))
@@ -57,38 +78,89 @@ class MacsModel:
             sides = [self._counts(layer.in_atoms), self._counts(layer.out_atoms)]
             index = len(self.layers)
             self.layers.append((dense, sides))
-            for gid in set(sides[0]) | set(sides[1]):
+            for gid in set(sides[0][1]) | set(sides[1][1]):
                 self.touching[gid].append(index)
-        self.kept = {g.id: g.channels for g in graph.groups}
+        self.kept: dict[int, int] = {g.id: g.channels for g in graph.groups}
+        self._kept_sets: dict[int, np.ndarray] = {}
         self.layer_macs = [self._layer(i) for i in range(len(self.layers))]
         self.dense = sum(d for d, _ in self.layers)
 
-    def _counts(self, atoms: np.ndarray | None) -> dict[int, float]:
+    def _set_order(self, gid: int, order: np.ndarray) -> None:
+        self.order[gid] = order
+        self.rank[gid] = np.empty(len(order), dtype=np.int64)
+        self.rank[gid][order] = np.arange(len(order))
+
+    def _cumulative(self, gid: int, per_position: np.ndarray) -> np.ndarray:
+        by_rank = np.zeros_like(per_position)
+        by_rank[self.rank[gid]] = per_position
+        return np.concatenate([[0], np.cumsum(by_rank)])
+
+    def _counts(self, atoms: np.ndarray | None) -> tuple[int, dict[int, tuple]]:
+        """Atoms per position of each group on one layer side, and their running sum over
+        the group's keep order (so the top-k count is one lookup)."""
         if atoms is None:
-            return {}
-        gids = self.graph.atom_group[atoms.reshape(-1)]
-        return {
-            int(g): float(np.sum(gids == g)) / self.graph.groups[int(g)].channels
-            for g in np.unique(gids)
-        }
+            return 0, {}
+        gids, pos = self.graph.positions(atoms.reshape(-1))
+        out = {}
+        for g in np.unique(gids).tolist():
+            per_position = np.bincount(pos[gids == g], minlength=self.graph.groups[g].channels)
+            out[g] = (per_position, self._cumulative(g, per_position))
+        return atoms.size, out
+
+    def _kept_atoms(self, gid: int, counts: tuple) -> float:
+        per_position, cumulative = counts
+        kept = self._kept_sets.get(gid)
+        if kept is not None:
+            return float(per_position[kept].sum())
+        if gid not in self.ordered:
+            return float(per_position.sum()) * self.kept[gid] / len(per_position)
+        return float(cumulative[self.kept[gid]])
 
     def _layer(self, i: int) -> float:
         dense, sides = self.layers[i]
         frac = 1.0
-        for counts in sides:
+        for total, counts in sides:
             if counts:
-                full = sum(c * self.graph.groups[g].channels for g, c in counts.items())
-                frac *= sum(c * self.kept[g] for g, c in counts.items()) / full
+                frac *= sum(self._kept_atoms(g, c) for g, c in counts.items()) / total
         return dense * frac
 
-    def set_kept(self, gid: int, kept: int) -> None:
-        self.kept[gid] = kept
+    def set_kept(self, gid: int, kept: int | np.ndarray) -> None:
+        """Keep the top ``kept`` channels of the group by score, or exactly the given ones."""
+        if isinstance(kept, (int, np.integer)):
+            self.kept[gid] = int(kept)
+            self._kept_sets.pop(gid, None)
+        else:
+            self._kept_sets[gid] = np.asarray(kept, dtype=np.int64)
+            self.kept[gid] = len(self._kept_sets[gid])
         for i in self.touching.get(gid, ()):
             self.layer_macs[i] = self._layer(i)
 
     @property
     def macs(self) -> float:
         return float(sum(self.layer_macs))
+
+    def kept_positions(self, gid: int) -> np.ndarray:
+        kept = self._kept_sets.get(gid)
+        return np.sort(kept if kept is not None else self.order[gid][: self.kept[gid]])
+
+    def emptied(self, gid: int) -> np.ndarray | None:
+        """Per-position atom counts of a layer side touching ``gid`` that keeps no atom."""
+        for i in self.touching.get(gid, ()):
+            for _, counts in self.layers[i][1]:
+                if gid in counts and not any(self._kept_atoms(g, c) for g, c in counts.items()):
+                    return counts[gid][0]
+        return None
+
+    def protect(self, gid: int, pos: int) -> None:
+        """Move channel ``pos`` to the front of its group's keep order: kept while any is."""
+        order = self.order[gid]
+        self._set_order(gid, np.concatenate([[pos], order[order != pos]]))
+        self.ordered.add(gid)
+        for i in self.touching.get(gid, ()):
+            for _, counts in self.layers[i][1]:
+                if gid in counts:
+                    counts[gid] = (counts[gid][0], self._cumulative(gid, counts[gid][0]))
+            self.layer_macs[i] = self._layer(i)
 
 
 def select_channels(
@@ -128,29 +200,38 @@ def walk(
     ``fine`` rounds widths below ``round_to`` more finely (``rounded_width``); ``min_keep``
     (group id -> channels) is a floor no group is walked below (at least 1 always).
     """
-    model = MacsModel(graph, layer_macs)
+    model = MacsModel(graph, layer_macs, scores)
     target = flops_target * model.dense
     order = sorted((float(s), gid, pos) for gid, arr in scores.items() for pos, s in enumerate(arr))
     tied = {gid: is_tied(graph, gid) for gid in scores}
     removed: dict[int, int] = defaultdict(int)
     floor = dict(min_keep or {})
+    protected: dict[int, int] = defaultdict(int)
     dropped = 0  # channels actually dropped after rounding, what max_drop limits
     for _, gid, _pos in order:
         if model.macs <= target or (max_drop is not None and dropped >= max_drop):
             break
         n = graph.groups[gid].channels
-        if n - removed[gid] <= max(1, floor.get(gid, 1)):
+        if n - removed[gid] <= max(1, floor.get(gid, 1), protected[gid]):
             continue
         removed[gid] += 1
         before = model.kept[gid]
         model.set_kept(gid, rounded_width(n - removed[gid], n, round_to, tied=tied[gid], fine=fine))
+        # A layer reading only some of the group's channels (half of a split, a shuffle
+        # branch) must keep one: its best channel is then kept ahead of the score order.
+        while (side := model.emptied(gid)) is not None:
+            if protected[gid] >= model.kept[gid]:
+                removed[gid] -= 1
+                model.set_kept(gid, before)
+                break
+            held = np.nonzero(side)[0]
+            model.protect(gid, int(held[np.argmin(model.rank[gid][held])]))
+            protected[gid] += 1
         dropped += before - model.kept[gid]
     plan = {}
-    for gid, arr in scores.items():
-        keep = model.kept[gid]
-        if keep < graph.groups[gid].channels:
-            best = np.argsort(-np.asarray(arr), kind="stable")[:keep]
-            plan[gid] = np.sort(best)
+    for gid in scores:
+        if model.kept[gid] < graph.groups[gid].channels:
+            plan[gid] = model.kept_positions(gid)
     return plan, model.macs <= target * (1 + 1e-9)
 
 

@@ -86,6 +86,79 @@ class FunctionalNorms(nn.Module):
         return self.head(torch.relu(x + self.bn3(self.conv3(y))))
 
 
+class Attention(nn.Module):
+    """timm-style multi-head self-attention: one qkv Linear reshaped to (3, heads, head_dim),
+    permuted and unbound; the explicit softmax(q kᵀ) v, F.scaled_dot_product_attention, or
+    LeViT's per-head split of a (heads, q|k|v) view."""
+
+    def __init__(self, dim: int, heads: int, kind: str = "explicit") -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.kind = heads, dim // heads, kind
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, C = x.shape
+        if self.kind == "split":  # LeViT: heads first, then q | k | v inside each head
+            qkv = self.qkv(x).view(B, N, self.heads, -1)
+            q, k, v = qkv.split([self.head_dim] * 3, dim=3)
+            q, k, v = q.permute(0, 2, 1, 3), k.permute(0, 2, 3, 1), v.permute(0, 2, 1, 3)
+            x = ((q @ k) * self.scale).softmax(dim=-1) @ v
+        else:
+            qkv = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            if self.kind == "sdpa":
+                x = F.scaled_dot_product_attention(q, k, v)
+            else:
+                x = (q * self.scale @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class ViT(nn.Module):
+    """Patch embedding, class token, position embedding, two pre-norm transformer blocks, head
+    on the class token. ``norm=False`` drops the LayerNorms (LeViT normalizes with BN, folded
+    at inference), which makes the residual stream exactly prunable too: class token and
+    position embedding are then checked by the zoo's zero-then-prune tests."""
+
+    def __init__(
+        self, num_classes: int = 10, dim: int = 32, kind: str = "explicit", norm: bool = True
+    ) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 8, stride=8)  # 32x32 -> 16 tokens
+        self.cls = nn.Parameter(torch.linspace(-1.0, 1.0, dim).reshape(1, 1, dim))
+        self.pos = nn.Parameter(torch.linspace(-0.5, 0.5, 17 * dim).reshape(1, 17, dim))
+
+        def ln() -> nn.Module:
+            return nn.LayerNorm(dim) if norm else nn.Identity()
+
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "norm1": ln(),
+                    "attn": Attention(dim, 4, kind),
+                    "norm2": ln(),
+                    "fc1": nn.Linear(dim, 2 * dim),
+                    "fc2": nn.Linear(2 * dim, dim),
+                }
+            )
+            for _ in range(2)
+        )
+        self.norm = ln()
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        for blk in self.blocks:
+            x = x + blk["attn"](blk["norm1"](x))
+            x = x + blk["fc2"](F.gelu(blk["fc1"](blk["norm2"](x))))
+        return self.head(self.norm(x)[:, 0])
+
+
 LIB_ZOO = {
     "functional_norms": FunctionalNorms,
+    "vit": ViT,
+    "vit_sdpa": lambda: ViT(kind="sdpa"),
+    "vit_levit_split": lambda: ViT(kind="split", norm=False),
 }

@@ -31,6 +31,7 @@ from torch import fx, nn
 from graphprune.analysis.atoms import ChannelError, TensorChannels
 from graphprune.analysis.builder import Builder
 from graphprune.frontend import meta
+from graphprune.frontend.params import get_tensor
 
 Rule = Callable[[Builder, fx.Node, "nn.Module | None"], object]
 
@@ -127,6 +128,11 @@ class ParamValue:
         self.path = path
 
 
+def param_shape(b: Builder, v: ParamValue) -> tuple[int, ...]:
+    """The parameter's own shape (an expanded read has size-1 axes that bind no channels)."""
+    return tuple(get_tensor(b.gm, v.path).shape)
+
+
 def _tc(b: Builder, arg: object) -> TensorChannels:
     v = b.value(arg)
     if isinstance(v, TensorChannels):
@@ -163,4 +169,10 @@ def _placeholder(b: Builder, node: fx.Node) -> object:
 
 
 # The rule modules register themselves on import; they use the helpers above.
-from graphprune.analysis.rules import layers, norms, shape_ops, tensor_ops  # noqa: E402,F401
+from graphprune.analysis.rules import (  # noqa: E402,F401
+    attention,
+    layers,
+    norms,
+    shape_ops,
+    tensor_ops,
+)

@@ -12,7 +12,16 @@ from torch import fx, nn
 
 from graphprune.analysis.atoms import ChannelError, TensorChannels
 from graphprune.analysis.builder import Builder
-from graphprune.analysis.rules import Shrink, _arg, _dim, _shape, _tc, register
+from graphprune.analysis.rules import (
+    ParamValue,
+    Shrink,
+    _arg,
+    _dim,
+    _shape,
+    _tc,
+    param_shape,
+    register,
+)
 from graphprune.errors import GraphInvariantError
 from graphprune.frontend import meta
 
@@ -30,8 +39,10 @@ def _cat(b: Builder, node: fx.Node, m: object) -> TensorChannels:
     inputs = list(_arg(node, 0, "tensors"))
     nd = len(_shape(node))
     d = _dim(int(_arg(node, 1, "dim", 0)), nd)
-    values = [b.value(a) for a in inputs]
-    if not all(isinstance(v, TensorChannels) for v in values):
+    all_values = [b.value(a) for a in inputs]
+    params = [v for v in all_values if isinstance(v, ParamValue)]
+    values = [v for v in all_values if not isinstance(v, ParamValue)]
+    if not values or not all(isinstance(v, TensorChannels) for v in values):
         raise ChannelError("cat of non-tensor values")
     if all(d not in v.dims for v in values):
         # Joined along a spatial/batch dim: every input must hold the same channels.
@@ -40,12 +51,17 @@ def _cat(b: Builder, node: fx.Node, m: object) -> TensorChannels:
             opaque = any(v.opaque for v in values)
             return TensorChannels.unknown() if opaque else TensorChannels.free()
         out = carried[0]
-        for v in values[1:]:
+        for v in values:
             if v.dims != out.dims or v.atoms.shape != out.atoms.shape:
                 raise ChannelError("cat joins a tensor whose channels differ from the others'")
-            b.uf.union_arrays(out.atoms, v.atoms)
+            if v is not out:
+                b.uf.union_arrays(out.atoms, v.atoms)
+        for p in params:  # a parameter joined in (a ViT's class token) is producer-side
+            _bind_param(b, p, out, nd)
         flag = any(v.nonzero_when_zeroed for v in values)
         return out.marked_nonzero(flag)
+    if params:
+        raise ChannelError("cat of a parameter along the channel dim")
     parts = []
     for a, v in zip(inputs, values, strict=True):
         if v.dims == (d,):
@@ -56,6 +72,17 @@ def _cat(b: Builder, node: fx.Node, m: object) -> TensorChannels:
             parts.append(seg)
     flag = any(v.nonzero_when_zeroed for v in values)
     return TensorChannels((d,), np.concatenate(parts), nonzero_when_zeroed=flag)
+
+
+def _bind_param(b: Builder, p: ParamValue, out: TensorChannels, nd: int) -> None:
+    """Bind a parameter broadcast against ``out`` (right-aligned) to out's channels."""
+    p_shape = param_shape(b, p)
+    offset = nd - len(p_shape)
+    if len(out.dims) != 1 or out.dims[0] < offset:
+        raise ChannelError("a parameter meets channels it has no dim for")
+    if p_shape[out.dims[0] - offset] != len(out.atoms):
+        raise ChannelError("a parameter broadcasts along the channel dim")
+    b.site(p.path, out.dims[0] - offset, out.atoms, "out")
 
 
 def _shrink_split(s: Shrink, node: fx.Node, m: object) -> None:
@@ -69,9 +96,13 @@ def _shrink_split(s: Shrink, node: fx.Node, m: object) -> None:
     if dim not in x.dims:
         return
     sizes, offset = [], 0
+    axis = x.dims.index(dim)
     for shape in s.old_shapes[node]:
         part = x.sliced(dim, offset, offset + shape[dim]).atoms
-        sizes.append(int(np.sum(~s.removed[part.reshape(-1)])))
+        # Positions along ``dim`` that keep any atom (channels may span several dims, e.g.
+        # heads x head_dim, where a position goes only with all its atoms).
+        others = tuple(a for a in range(part.ndim) if a != axis)
+        sizes.append(int(np.sum((~s.removed[part]).any(axis=others))))
         offset += shape[dim]
     node.op, node.target = "call_function", torch.split
     node.args, node.kwargs = (node.args[0], sizes, dim), {}
@@ -172,7 +203,8 @@ def _shrink_view(s: Shrink, node: fx.Node, m: object) -> None:
         for axis in range(kept.ndim)
     ]
     for axis, d in enumerate(out.dims):
-        if isinstance(shape[d], int) and shape[d] != -1:
+        # A size read from another tensor (x.shape[-1]) is static for a channel dim: bake it.
+        if isinstance(shape[d], fx.Node) or (isinstance(shape[d], int) and shape[d] != -1):
             shape[d] = per_axis[axis]
     if int(kept.sum()) != int(np.prod(per_axis)):
         raise GraphInvariantError(
@@ -218,8 +250,8 @@ def _permute(b: Builder, node: fx.Node, m: object) -> TensorChannels:
     else:
         dims = node.args[1:] if len(node.args) > 2 else node.args[1]
         perm = [_dim(int(p), nd) for p in (dims if isinstance(dims, (list, tuple)) else [dims])]
-    if x.carries and (perm[0] != 0):
-        raise ChannelError("permute moves the batch dim")
+    # The batch dim may move (timm's qkv.permute(2, 0, 3, 1, 4) puts q/k/v first for an
+    # unbind); rules that need dim 0 to be the batch check it themselves (reshape does).
     return x.permuted(perm)
 
 
@@ -235,3 +267,19 @@ def _reduce(b: Builder, node: fx.Node, m: object) -> TensorChannels:
         raise ChannelError("reduces over the channel dim")
     keepdim = bool(_arg(node, 2, "keepdim", False))
     return x if keepdim else x.without_dims(dims)
+
+
+@register("expand", "expand_as")
+def _expand(b: Builder, node: fx.Node, m: object) -> object:
+    """Broadcast to a larger shape: channel dims keep their size. A parameter stays a
+    parameter (bound to channels where it is used, e.g. a class token joined by cat)."""
+    v = b.value(node.args[0])
+    in_shape, out_shape = _shape(node.args[0]), _shape(node)
+    if isinstance(v, ParamValue):
+        if len(in_shape) != len(out_shape):
+            raise ChannelError("expand adds dims to a parameter")
+        return v
+    x = _tc(b, node.args[0]).offset_dims(len(out_shape) - len(in_shape))
+    if any(out_shape[d] != in_shape[d - (len(out_shape) - len(in_shape))] for d in x.dims):
+        raise ChannelError("expand changes a channel dim")
+    return x

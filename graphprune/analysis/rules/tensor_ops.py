@@ -12,7 +12,7 @@ from torch import fx, nn
 
 from graphprune.analysis.atoms import ChannelError, TensorChannels
 from graphprune.analysis.builder import Builder
-from graphprune.analysis.rules import ParamValue, _arg, _dim, _shape, _tc, register
+from graphprune.analysis.rules import ParamValue, _arg, _dim, _shape, _tc, param_shape, register
 
 # --- ops that pass channels through unchanged ---------------------------------------------
 # Elementwise ops with f(0) = 0: a zeroed channel stays zero.
@@ -131,7 +131,7 @@ def _binary(b: Builder, node: fx.Node, m: object) -> object:
     for a in node.args[:2]:
         v = b.values.get(a) if isinstance(a, fx.Node) else None
         if isinstance(v, ParamValue):
-            params.append((v.path, _shape(a)))
+            params.append((v.path, param_shape(b, v)))
         elif isinstance(v, TensorChannels):
             tensors.append((v.offset_dims(out_nd - len(_shape(a))), _shape(a)))
     if not tensors:

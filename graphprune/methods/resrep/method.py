@@ -237,7 +237,7 @@ class ResRep(Method):
         """Predicted remaining MACs / dense MACs under the current masks."""
         model = MacsModel(self.graph, self.layer_macs)
         for g, m in self.masks().items():
-            model.set_kept(g, int(m.sum()))
+            model.set_kept(g, np.nonzero(m)[0])
         return model.macs / model.dense
 
     # --- the end -------------------------------------------------------------------------
