@@ -18,11 +18,16 @@ from graphprune.frontend.modes import eval_mode
 # Convolutions and the matrix products nn.Linear lowers to; activation-activation products
 # (bmm of attention) are not counted, as in the papers' convention.
 _MAC_OPS = ("aten.convolution", "aten.mm", "aten.addmm")
+UNATTRIBUTED = "<outside any leaf module>"
 
 
 @dataclass(frozen=True, slots=True)
 class MacsReport:
-    """Totals and per-module MACs (module names as in ``model.named_modules()``)."""
+    """Totals and per-module MACs (module names as in ``model.named_modules()``).
+
+    ``per_layer`` sums to ``macs``: MACs no leaf module owns (a functional linear called at
+    the top of a traced graph, a parent module's own matmuls) are under ``UNATTRIBUTED``.
+    """
 
     macs: int
     params: int
@@ -61,4 +66,6 @@ def count_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> Macs
         for name, macs in per_layer.items()
         if macs and not any(other.startswith(name + ".") for other in per_layer)
     }
+    if total > sum(leaves.values()):
+        leaves[UNATTRIBUTED] = total - sum(leaves.values())
     return MacsReport(macs=total, params=count_params(model), per_layer=leaves)

@@ -80,10 +80,15 @@ class MacsModel:
             self.layers.append((dense, sides))
             for gid in set(sides[0][1]) | set(sides[1][1]):
                 self.touching[gid].append(index)
+        # MACs of layers analysis does not model (an opaque op's matmuls, a leaf module with
+        # no rule): they stay whatever the plan, and count toward the dense total, so a
+        # target is a fraction of what the model really costs.
+        modeled = {layer.target for layer in graph.mac_layers}
+        self.fixed = float(sum(v for k, v in layer_macs.items() if k not in modeled))
         self.kept: dict[int, int] = {g.id: g.channels for g in graph.groups}
         self._kept_sets: dict[int, np.ndarray] = {}
         self.layer_macs = [self._layer(i) for i in range(len(self.layers))]
-        self.dense = sum(d for d, _ in self.layers)
+        self.dense = sum(d for d, _ in self.layers) + self.fixed
 
     def _set_order(self, gid: int, order: np.ndarray) -> None:
         self.order[gid] = order
@@ -137,7 +142,7 @@ class MacsModel:
 
     @property
     def macs(self) -> float:
-        return float(sum(self.layer_macs))
+        return float(sum(self.layer_macs)) + self.fixed
 
     def kept_positions(self, gid: int) -> np.ndarray:
         kept = self._kept_sets.get(gid)
