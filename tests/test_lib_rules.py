@@ -17,7 +17,7 @@ from graphprune.passes import prune_channels
 from graphprune.passes.runner import verify
 from graphprune.testing.exactness import random_plan, randomize_
 from graphprune.testing.zoo import ZOO_INPUT_SHAPE
-from graphprune.testing.zoo_libs import FunctionalNorms
+from graphprune.testing.zoo_libs import ConvNeXtV2, FunctionalNorms
 
 
 def _traced(model: nn.Module):
@@ -65,3 +65,44 @@ def test_functional_norms_group_and_prune_like_the_torch_nn_modules() -> None:
     assert gn_node.args[1] == len(plan[gn[0].id])
     (ln_node,) = [n for n in gm_f.graph.nodes if n.target is F.layer_norm]
     assert tuple(ln_node.args[1]) == (8 * len(plan[ln[0].id]),)
+
+
+def test_grn_groups_are_inexact_and_prune_like_a_narrower_model() -> None:
+    """GRN divides by the channel mean, so its groups are inexact; pruned, the model must
+    equal the same architecture built narrower with the kept channels' weights."""
+    torch.manual_seed(0)
+    model = ConvNeXtV2().eval()
+    gm, graph = _traced(model)
+    grn0 = _group_with(graph, "grn0.weight[0]")
+    grn = _group_with(graph, "grn.weight[0]")
+    assert grn0.prunable and not grn0.exact and any("mean" in r for r in grn0.inexact_reasons)
+    assert grn.prunable and not grn.exact
+    assert {"grn0.bias[0]", "stem.1.weight[0]", "fc2.weight[0]"} <= _names(grn0)
+    assert {"grn.bias[0]", "fc1.weight[0]", "fc2.weight[1]"} <= _names(grn)
+    keep0, keep = [0, 3, 4, 9, 10, 15], list(range(0, 32, 3))
+    prune_channels(gm, plan={grn0.id: keep0, grn.id: keep}, round_to=1)
+    verify(gm)
+
+    narrow = ConvNeXtV2(c=len(keep0), hidden=len(keep)).eval()
+    by_size = {16: torch.tensor(keep0), 32: torch.tensor(keep)}
+    state = {}
+    for name, t in model.state_dict().items():
+        want = narrow.state_dict()[name].shape
+        for axis in range(t.dim()):
+            if t.shape[axis] != want[axis]:
+                t = t.index_select(axis, by_size[t.shape[axis]])
+        state[name] = t
+    narrow.load_state_dict(state)
+    x = torch.randn(2, *ZOO_INPUT_SHAPE[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), narrow(x), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(gm(x), model(x), atol=1e-3)  # pruning did change it
+
+
+def _group_with(graph, member: str):
+    (group,) = [g for g in graph.groups if member in _names(g)]
+    return group
+
+
+def _names(group) -> set[str]:
+    return {m.name for m in group.members}

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from graphprune.testing.zoo import Head
+from graphprune.testing.zoo import Head, cbr
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
@@ -156,9 +156,47 @@ class ViT(nn.Module):
         return self.head(self.norm(x)[:, 0])
 
 
+class GRN(nn.Module):
+    """ConvNeXt-V2 global response norm, written as timm writes it (norm, channel mean,
+    parameters viewed to broadcast, addcmul)."""
+
+    def __init__(self, c: int, channels_last: bool = True) -> None:
+        super().__init__()
+        self.spatial, self.channel = ((1, 2), -1) if channels_last else ((2, 3), 1)
+        self.shape = (1, 1, 1, -1) if channels_last else (1, c, 1, 1)
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, c))
+        self.bias = nn.Parameter(torch.linspace(-0.2, 0.2, c))
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = x.norm(p=2, dim=self.spatial, keepdim=True)
+        n = g / (g.mean(dim=self.channel, keepdim=True) + 1e-6)
+        return x + torch.addcmul(self.bias.view(self.shape), self.weight.view(self.shape), x * n)
+
+
+class ConvNeXtV2(nn.Module):
+    """A channels-first GRN after a conv, then a ConvNeXt-V2 block (GRN between fc1 and fc2).
+    GRN's channel mean makes its groups inexact; the stem's 24 channels stay exact."""
+
+    def __init__(self, num_classes: int = 10, c: int = 16, hidden: int = 32) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(cbr(3, 24, 4, 4), nn.Conv2d(24, c, 1))
+        self.grn0 = GRN(c, channels_last=False)
+        self.dwconv = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.fc1 = nn.Linear(c, hidden)
+        self.grn = GRN(hidden)
+        self.fc2 = nn.Linear(hidden, c)
+        self.head = Head(c, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.grn0(self.stem(x))
+        y = self.fc2(self.grn(F.gelu(self.fc1(self.dwconv(x).permute(0, 2, 3, 1)))))
+        return self.head(x + y.permute(0, 3, 1, 2))
+
+
 LIB_ZOO = {
     "functional_norms": FunctionalNorms,
     "vit": ViT,
     "vit_sdpa": lambda: ViT(kind="sdpa"),
     "vit_levit_split": lambda: ViT(kind="split", norm=False),
+    "convnextv2_grn": ConvNeXtV2,
 }

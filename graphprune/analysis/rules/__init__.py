@@ -122,15 +122,28 @@ def _has_tensor_input(b: Builder, node: fx.Node) -> bool:
 
 
 class ParamValue:
-    """A parameter read with get_attr (e.g. a layer-scale gamma); bound to channels on use."""
+    """A parameter read with get_attr (e.g. a layer-scale gamma); bound to channels on use.
 
-    def __init__(self, path: str) -> None:
+    ``view`` is set when the graph reshaped it to broadcast (GRN's ``weight.view(1, 1, 1, -1)``):
+    the viewed shape, and for each viewed axis the parameter's own axis (-1 for size-1 axes).
+    """
+
+    def __init__(
+        self, path: str, view: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    ) -> None:
         self.path = path
+        self.view = view
 
 
 def param_shape(b: Builder, v: ParamValue) -> tuple[int, ...]:
-    """The parameter's own shape (an expanded read has size-1 axes that bind no channels)."""
-    return tuple(get_tensor(b.gm, v.path).shape)
+    """The shape the parameter has where it is used: its viewed shape, else its own (an
+    expanded read keeps its own, whose size-1 axes bind no channels)."""
+    return v.view[0] if v.view is not None else tuple(get_tensor(b.gm, v.path).shape)
+
+
+def param_axis(v: ParamValue, axis: int) -> int:
+    """The parameter's own axis behind an axis of ``param_shape``."""
+    return v.view[1][axis] if v.view is not None else axis
 
 
 def _tc(b: Builder, arg: object) -> TensorChannels:

@@ -19,11 +19,13 @@ from graphprune.analysis.rules import (
     _dim,
     _shape,
     _tc,
+    param_axis,
     param_shape,
     register,
 )
 from graphprune.errors import GraphInvariantError
 from graphprune.frontend import meta
+from graphprune.frontend.params import get_tensor
 
 
 def _input_channels(s: Shrink, node: fx.Node) -> TensorChannels | None:
@@ -82,7 +84,7 @@ def _bind_param(b: Builder, p: ParamValue, out: TensorChannels, nd: int) -> None
         raise ChannelError("a parameter meets channels it has no dim for")
     if p_shape[out.dims[0] - offset] != len(out.atoms):
         raise ChannelError("a parameter broadcasts along the channel dim")
-    b.site(p.path, out.dims[0] - offset, out.atoms, "out")
+    b.site(p.path, param_axis(p, out.dims[0] - offset), out.atoms, "out")
 
 
 def _shrink_split(s: Shrink, node: fx.Node, m: object) -> None:
@@ -190,8 +192,23 @@ def _getitem(b: Builder, node: fx.Node, m: object) -> object:
 
 
 # --- moving dims around ----------------------------------------------------------------------
+def _shrink_param_view(s: Shrink, node: fx.Node, p: ParamValue) -> None:
+    """The view of a sliced parameter takes its new sizes (``weight.view(1, C, 1, 1)``)."""
+    own = get_tensor(s.gm, p.path).shape
+    packed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
+    shape = list(node.args[1] if packed else node.args[1:])
+    for d, axis in enumerate(p.view[1]):
+        if axis >= 0 and isinstance(shape[d], int) and shape[d] != -1:
+            shape[d] = int(own[axis])
+    node.args = (node.args[0], tuple(shape)) if packed else (node.args[0], *shape)
+
+
 def _shrink_view(s: Shrink, node: fx.Node, m: object) -> None:
     """Explicit sizes of channel dims in view/reshape become the surviving counts."""
+    param = s.value(node)
+    if isinstance(param, ParamValue) and param.view is not None:
+        _shrink_param_view(s, node, param)
+        return
     out = s.value(node)
     if _input_channels(s, node) is None or not isinstance(out, TensorChannels) or not out.dims:
         return
@@ -226,7 +243,10 @@ def _shrink_view(s: Shrink, node: fx.Node, m: object) -> None:
     "view_as",
     "reshape_as",
 )
-def _reshape(b: Builder, node: fx.Node, m: object) -> TensorChannels:
+def _reshape(b: Builder, node: fx.Node, m: object) -> object:
+    v = b.value(node.args[0])
+    if isinstance(v, ParamValue):
+        return _param_view(b, v, _shape(node))
     out = _tc(b, node.args[0]).reshaped(_shape(node.args[0]), _shape(node))
     if len(out.dims) > 1:
         # Channels split over several dims (e.g. a channel shuffle's (groups, C/groups)):
@@ -234,6 +254,18 @@ def _reshape(b: Builder, node: fx.Node, m: object) -> TensorChannels:
         for column in np.moveaxis(out.atoms, -1, 0).reshape(out.atoms.shape[-1], -1):
             b.uf.tie(column)
     return out
+
+
+def _param_view(b: Builder, v: ParamValue, shape: tuple[int, ...]) -> ParamValue:
+    """A parameter viewed to broadcast: only size-1 axes may come or go, so every axis of
+    size > 1 is one of the parameter's own (the channel axis it will bind)."""
+    own = param_shape(b, v)
+    own_axes = [param_axis(v, a) for a, size in enumerate(own) if size > 1]
+    sizes = [size for size in own if size > 1]
+    if [size for size in shape if size > 1] != sizes:
+        raise ChannelError("view of a parameter that moves entries between axes")
+    it = iter(own_axes)
+    return ParamValue(v.path, (tuple(shape), tuple(next(it) if n > 1 else -1 for n in shape)))
 
 
 @register(torch.permute, "permute", torch.transpose, "transpose", "t")
@@ -257,16 +289,40 @@ def _permute(b: Builder, node: fx.Node, m: object) -> TensorChannels:
 
 @register(torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin")
 def _reduce(b: Builder, node: fx.Node, m: object) -> TensorChannels:
+    dims = _arg(node, 1, "dim")
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    return _reduced(b, node, dims, bool(_arg(node, 2, "keepdim", False)), exact=name == "sum")
+
+
+@register("norm", torch.norm, torch.linalg.vector_norm)
+def _norm(b: Builder, node: fx.Node, m: object) -> TensorChannels:
+    """A vector norm: zero entries add nothing to it, for every order."""
+    dims = _arg(node, 2, "dim")
+    return _reduced(b, node, dims, bool(_arg(node, 3, "keepdim", False)), exact=True)
+
+
+def _reduced(
+    b: Builder, node: fx.Node, dims: object, keepdim: bool, *, exact: bool
+) -> TensorChannels:
+    """Reduce over ``dims``. Over spatial dims channels pass on; over every channel dim the
+    result has no channels left, and removing zeroed channels leaves it unchanged only for
+    ``exact`` reductions (sum, norms); a mean divides by how many there are, a max can be a
+    zero, so those groups are inexact (GRN's channel mean, CBAM's channel pooling)."""
     x = _tc(b, node.args[0])
     nd = len(_shape(node.args[0]))
-    dims = _arg(node, 1, "dim")
     if dims is None:
         raise ChannelError("reduces over every dim, channels included")
     dims = [_dim(int(d), nd) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
-    if any(d in x.dims for d in dims):
-        raise ChannelError("reduces over the channel dim")
-    keepdim = bool(_arg(node, 2, "keepdim", False))
-    return x if keepdim else x.without_dims(dims)
+    hit = [d for d in dims if d in x.dims]
+    if not hit:
+        return x if keepdim else x.without_dims(dims)
+    if set(x.dims) - set(dims):
+        raise ChannelError("reduces over some channel dims but not all")
+    if not exact or x.nonzero_when_zeroed:
+        b.mark_inexact(
+            x.all_atoms(), f"{node.name}: reducing over channels depends on the removed ones"
+        )
+    return TensorChannels.free()
 
 
 @register("expand", "expand_as")
