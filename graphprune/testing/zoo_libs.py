@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from graphprune.testing.zoo import Head, cbr
+from graphprune.testing.zoo import Head, cb, cbr
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
@@ -193,10 +193,51 @@ class ConvNeXtV2(nn.Module):
         return self.head(x + y.permute(0, 3, 1, 2))
 
 
+class SelectiveKernel(nn.Module):
+    """SKNet/timm selective kernel: paths with different receptive fields are stacked, a
+    softmax over the paths (per channel) weighs them, the weighted paths are summed."""
+
+    def __init__(self, c: int, paths: int = 2, reduced: int = 8) -> None:
+        super().__init__()
+        self.paths = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(c, c, 3, padding=1 + i, dilation=1 + i, bias=False),
+                nn.BatchNorm2d(c),
+                nn.ReLU(),
+            )
+            for i in range(paths)
+        )
+        self.fc_reduce = nn.Conv2d(c, reduced, 1)
+        self.fc_select = nn.Conv2d(reduced, c * paths, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.stack([p(x) for p in self.paths], dim=1)
+        a = self.fc_select(torch.relu(self.fc_reduce(x.sum(1).mean((2, 3), keepdim=True))))
+        B, C, H, W = a.shape
+        a = torch.softmax(a.view(B, len(self.paths), C // len(self.paths), H, W), dim=1)
+        return torch.sum(x * a, dim=1)
+
+
+class SKNet(nn.Module):
+    """Stem, a residual selective-kernel block, head."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = cbr(3, 16, stride=2)
+        self.sk = SelectiveKernel(16)
+        self.conv = cb(16, 16, 1)
+        self.head = Head(16, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        return self.head(torch.relu(x + self.conv(self.sk(x))))
+
+
 LIB_ZOO = {
     "functional_norms": FunctionalNorms,
     "vit": ViT,
     "vit_sdpa": lambda: ViT(kind="sdpa"),
     "vit_levit_split": lambda: ViT(kind="split", norm=False),
     "convnextv2_grn": ConvNeXtV2,
+    "selective_kernel": SKNet,
 }

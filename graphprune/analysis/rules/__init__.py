@@ -146,6 +146,20 @@ def param_axis(v: ParamValue, axis: int) -> int:
     return v.view[1][axis] if v.view is not None else axis
 
 
+def repeated_along(b: Builder, x: TensorChannels, d: int) -> bool:
+    """True when channels span several dims and every slice along ``d`` holds the same
+    channel classes at the same positions (paths stacked by a selective kernel, a radix view
+    whose columns are tied): no plan can shrink ``d``, and a channel's entries along it go
+    together, so normalizing or summing along ``d`` stays within each channel."""
+    if d not in x.dims or len(x.dims) < 2:
+        return False
+    find = np.vectorize(b.uf.find, otypes=[np.int64])
+    classes = find(x.atoms)
+    axis = x.dims.index(d)
+    first = np.take(classes, [0], axis=axis)
+    return bool(np.all(classes == first))
+
+
 def _tc(b: Builder, arg: object) -> TensorChannels:
     v = b.value(arg)
     if isinstance(v, TensorChannels):

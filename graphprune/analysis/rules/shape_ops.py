@@ -22,6 +22,7 @@ from graphprune.analysis.rules import (
     param_axis,
     param_shape,
     register,
+    repeated_along,
 )
 from graphprune.errors import GraphInvariantError
 from graphprune.frontend import meta
@@ -316,6 +317,13 @@ def _reduced(
     hit = [d for d in dims if d in x.dims]
     if not hit:
         return x if keepdim else x.without_dims(dims)
+    if len(hit) < len(x.dims) and all(repeated_along(b, x, d) for d in hit):
+        # Over a dim that never shrinks (stacked paths): each channel reduces on its own.
+        atoms = x.atoms
+        for d in sorted(hit, reverse=True):
+            atoms = np.take(atoms, 0, axis=x.dims.index(d))
+        out = x.with_dims(tuple(d for d in x.dims if d not in hit), atoms)
+        return out if keepdim else out.without_dims(dims)
     if set(x.dims) - set(dims):
         raise ChannelError("reduces over some channel dims but not all")
     if not exact or x.nonzero_when_zeroed:
@@ -339,3 +347,26 @@ def _expand(b: Builder, node: fx.Node, m: object) -> object:
     if any(out_shape[d] != in_shape[d - (len(out_shape) - len(in_shape))] for d in x.dims):
         raise ChannelError("expand changes a channel dim")
     return x
+
+
+@register(torch.stack)
+def _stack(b: Builder, node: fx.Node, m: object) -> TensorChannels:
+    """Stack along a new dim: the inputs' channels correspond position by position (a
+    selective kernel's paths are summed after), so they are unioned, and the new dim, one
+    copy per input, never shrinks."""
+    inputs = list(_arg(node, 0, "tensors"))
+    nd = len(_shape(node))
+    d = _dim(int(_arg(node, 1, "dim", 0)), nd)
+    values = [_tc(b, a) for a in inputs]
+    first = values[0]
+    for v in values[1:]:
+        if v.dims != first.dims or v.atoms.shape != first.atoms.shape:
+            raise ChannelError("stack of tensors whose channels differ")
+        b.uf.union_arrays(first.atoms, v.atoms)
+    if not first.dims:
+        opaque = any(v.opaque for v in values)
+        return TensorChannels.unknown() if opaque else TensorChannels.free()
+    shifted = [e + (e >= d) for e in first.dims]
+    dims = tuple(sorted([*shifted, d]))
+    atoms = np.stack([v.atoms for v in values], axis=dims.index(d))
+    return first.with_dims(dims, atoms).marked_nonzero(any(v.nonzero_when_zeroed for v in values))

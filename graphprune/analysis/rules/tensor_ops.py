@@ -21,6 +21,7 @@ from graphprune.analysis.rules import (
     param_axis,
     param_shape,
     register,
+    repeated_along,
 )
 
 # --- ops that pass channels through unchanged ---------------------------------------------
@@ -120,7 +121,7 @@ def _softmax(b: Builder, node: fx.Node, m: nn.Module | None) -> TensorChannels:
     x = _tc(b, node.args[0])
     nd = len(_shape(node))
     d = m.dim if m is not None else _arg(node, 1, "dim")
-    if d is None or _dim(int(d), nd) in x.dims:
+    if d is None or (_dim(int(d), nd) in x.dims and not repeated_along(b, x, _dim(int(d), nd))):
         raise ChannelError("softmax normalizes over channels")
     return x.marked_nonzero()  # a zero channel becomes uniform 1/N
 
