@@ -7,6 +7,7 @@ through torch.nn modules (whose rules the zoo tests cover), or outputs of the un
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,9 +16,9 @@ from graphprune import trace
 from graphprune.analysis import build_channel_graph
 from graphprune.passes import prune_channels
 from graphprune.passes.runner import verify
-from graphprune.testing.exactness import random_plan, randomize_
+from graphprune.testing.exactness import random_plan, randomize_, zero_dropped_channels
 from graphprune.testing.zoo import ZOO_INPUT_SHAPE
-from graphprune.testing.zoo_libs import ConvNeXtV2, FunctionalNorms
+from graphprune.testing.zoo_libs import ConvNeXtV2, FunctionalNorms, ViT
 
 
 def _traced(model: nn.Module):
@@ -106,3 +107,32 @@ def _group_with(graph, member: str):
 
 def _names(group) -> set[str]:
     return {m.name for m in group.members}
+
+
+@pytest.mark.parametrize("kind", ["explicit", "sdpa", "split"])
+def test_attention_prunes_head_dims_in_every_head_and_q_k_v_alike(kind: str) -> None:
+    """A channel of a qkv group is one head-dim position, in every head (4) and, for the
+    (3, heads, head_dim) layout, in q, k and v: 12 qkv rows and 4 proj inputs per channel."""
+    torch.manual_seed(0)
+    gm, graph = _traced(ViT(kind=kind))
+    qkv = _group_with(graph, "blocks.0.attn.qkv.weight[0]")
+    sizes = {m.name: m.size for m in qkv.members}
+    assert qkv.prunable and qkv.exact and qkv.producers == ("blocks.0.attn.qkv",)
+    if kind == "split":  # LeViT: q/k positions tie (their dot product), v positions apart
+        assert qkv.channels == 16
+    else:
+        assert qkv.channels == 8 and sizes["blocks.0.attn.qkv.weight[0]"] == 96
+    assert sizes["blocks.0.attn.proj.weight[1]"] == 32
+    x = torch.randn(2, *ZOO_INPUT_SHAPE[1:])
+    plan = {qkv.id: [0, 2, 3, 5, 6, 7] + ([] if kind != "split" else list(range(8, 16)))}
+    zero_dropped_channels(gm, graph, plan)
+    with torch.no_grad():
+        zeroed = gm(x)
+        prune_channels(gm, plan=plan, round_to=1)
+        torch.testing.assert_close(gm(x), zeroed, atol=1e-5, rtol=1e-5)
+    if kind == "split":  # q/k positions 1 and 4 went (from every head); v kept whole
+        assert gm.get_submodule("blocks.0.attn.proj").in_features == 32
+        assert gm.get_submodule("blocks.0.attn.qkv").out_features == 96 - 2 * 2 * 4
+    else:
+        assert gm.get_submodule("blocks.0.attn.proj").in_features == 24
+        assert gm.get_submodule("blocks.0.attn.qkv").out_features == 72
