@@ -403,7 +403,9 @@ def test_extreme_target_never_empties_a_group() -> None:
 def test_masks_never_empty_a_split_member() -> None:
     torch.manual_seed(0)
     gm = trace(ShuffleNet(), (torch.randn(ZOO_INPUT_SHAPE),))
-    rr = ResRep(gm, flops_target=0.3, total_iters=1000, schedule=schedule(), round_to=1)
+    # 0.35, not 0.3: counting the channels each branch really keeps (one at least per split
+    # half), 0.3 is out of reach; the old average-based MACs model only seemed to reach it.
+    rr = ResRep(gm, flops_target=0.35, total_iters=1000, schedule=schedule(), round_to=1)
     rr.update_masks()
     with torch.no_grad():
         for c in rr.compactors:
