@@ -1,58 +1,264 @@
-"""ResRep vs Torch-Pruning on Fashion-MNIST with CIFAR-style ResNet-20 / ResNet-56.
+"""ResRep (with and without distillation) vs prune-and-fine-tune on Fashion-MNIST, ResNet-20/56.
 
 Data: Debian's dataset-fashion-mnist (the four original IDX files), 28x28, 10 classes; the full
-10,000-image test set; on CPU a fixed 10,000-image training subset (``--train-subset``), the full
-60,000 on a GPU machine (``--train-subset 0``). Recipe: batch 64, SGD momentum 0.9, weight decay
-1e-4 (not on norms/biases), cosine lr. Base: 6 epochs at lr 0.1 (1 epoch linear warm-up).
-Pruning: ResRep trains 4 epochs at lr 0.05 from the base; the peer prunes one-shot and
-fine-tunes 4 epochs at lr 0.05.
+10,000-image test set (``--test-subset`` for quick runs); on CPU a fixed training subset
+(``--train-subset``, 10,000 by default), the full 60,000 on a GPU machine (``--train-subset 0``).
 
-    python benchmarks/fashion_resnet.py [--models resnet20 resnet56] [--targets 0.5 0.3 0.1]
+For each seed one base model is trained (``--base-epochs`` at lr 0.1, 1 warm-up epoch) and
+every row of that seed starts from a copy of it. Every method gets the same ``--epochs`` at
+lr 0.05 (batch ``--batch``, SGD momentum 0.9, weight decay 1e-4 off norms/biases, cosine lr):
+
+- graphprune ResRep, the built-in defaults (``compress(model, "resrep", ...)``, nothing else);
+- graphprune ResRep with distillation from the dense model (``distill=True``);
+- graphprune magnitude (one-shot, exact widths: ``round_to=1``) + fine-tuning;
+- Torch-Pruning 1.6 global group-L2 (ratio bisected to the MACs target) + fine-tuning.
+
+Writes JSON (every row), a markdown table of mean ± std over seeds and a PNG of accuracy against
+MACs kept into benchmarks/results/ (``--tag`` names the files).
+
+    python benchmarks/fashion_resnet.py --seeds 0 1 2 --base-epochs 15 --epochs 15
+    python benchmarks/fashion_resnet.py --seeds 0 --base-epochs 3 --epochs 3 \\
+        --train-subset 2000 --test-subset 2000 --batch 16 --tag smoke        # a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import statistics
+import time
+from pathlib import Path
 
 import torch
-from common import add_method_arg, compare, machine, markdown, save, train_base
-from torch.utils.data import DataLoader
+from common import ROOT, machine, peer_row, save, train_base
+from torch.utils.data import DataLoader, Subset
 
+import graphprune as gp
 from graphprune.apps.data import load_fashion_mnist
 from graphprune.apps.models import cifar_resnet
+from graphprune.training.loop import evaluate, fit
 
 DEPTHS = {"resnet20": 20, "resnet56": 56}
+TARGETS = (0.5, 0.3, 0.1, 0.02)  # MACs kept: 50 / 70 / 90 / 98% fewer
+LR = 0.05
+METHODS = ("resrep", "resrep+distill", "magnitude+ft", "torch-pruning+ft")
+LABELS = {
+    "resrep": "graphprune ResRep (defaults)",
+    "resrep+distill": "graphprune ResRep + distill",
+    "magnitude+ft": "graphprune magnitude + fine-tune",
+    "torch-pruning+ft": "Torch-Pruning group-L2 + fine-tune",
+}
+
+
+def resrep_row(base, example, target, train, test, *, epochs, seed, distill) -> dict:
+    torch.manual_seed(seed)
+    t = time.perf_counter()
+    result = gp.compress(
+        base,
+        "resrep",
+        example_inputs=example,
+        flops_target=target,
+        train_loader=train,
+        epochs=epochs,
+        lr=LR,
+        val_loader=test,
+        progress=False,
+        **({"distill": True} if distill else {}),
+    )
+    report = result.report
+    return {
+        "macs_kept": report.macs_ratio,
+        "final_acc": evaluate(result.model, test),
+        "acc_before_finalize": report.accuracy_before_finalize,
+        "stats": report.stats_dict(),
+        "seconds": time.perf_counter() - t,
+    }
+
+
+def magnitude_row(base, example, target, train, test, *, epochs, seed) -> dict:
+    t = time.perf_counter()
+    # Exact widths, like the Torch-Pruning row: magnitude has no rounding fallback, and
+    # multiples of 8 cannot reach 0.1 of ResNet-20's MACs at all.
+    result = gp.compress(base, "magnitude", example_inputs=example, flops_target=target, round_to=1)
+    torch.manual_seed(seed)
+    fit(result.model, train, epochs=epochs, lr=LR, progress=False)
+    return {
+        "macs_kept": result.report.macs_ratio,
+        "final_acc": evaluate(result.model, test),
+        "seconds": time.perf_counter() - t,
+    }
+
+
+def torch_pruning_row(base, example, target, train, test, *, epochs, seed) -> dict:
+    row = peer_row(
+        base,
+        example,
+        target,
+        train,
+        test,
+        epochs=epochs,
+        lr=LR,
+        seed=seed,
+        ignored=lambda m: [m.fc],
+    )
+    kept = None if row["macs_reduction"] is None else 1 - row["macs_reduction"]
+    out = {"macs_kept": kept, "final_acc": row["final_acc"], "seconds": row["seconds"]}
+    return out | ({"note": row["note"]} if "note" in row else {})
+
+
+def run_row(method, base, example, target, train, test, *, epochs, seed) -> dict:
+    kw = dict(epochs=epochs, seed=seed)
+    try:
+        if method.startswith("resrep"):
+            row = resrep_row(base, example, target, train, test, distill="distill" in method, **kw)
+        elif method == "magnitude+ft":
+            row = magnitude_row(base, example, target, train, test, **kw)
+        else:
+            row = torch_pruning_row(base, example, target, train, test, **kw)
+    except gp.GraphpruneError as exc:  # recorded as a failed row, never dropped
+        row = {"macs_kept": None, "final_acc": None, "seconds": None, "note": str(exc)}
+    return {"method": method, "target": target, "seed": seed} | row
+
+
+def summarize(rows: list[dict], bases: dict[int, float]) -> list[dict]:
+    out = []
+    for target in sorted({r["target"] for r in rows}, reverse=True):
+        for method in METHODS:
+            same = [r for r in rows if r["method"] == method and r["target"] == target]
+            ok = [r for r in same if r["final_acc"] is not None]
+            if not same:
+                continue
+            accs = [r["final_acc"] for r in ok]
+            deltas = [r["final_acc"] - bases[r["seed"]] for r in ok]
+            out.append(
+                {
+                    "method": method,
+                    "target": target,
+                    "runs": len(same),
+                    "failed": len(same) - len(ok),
+                    "macs_kept": statistics.mean(r["macs_kept"] for r in ok) if ok else None,
+                    "worst_miss": max((abs(r["macs_kept"] - target) for r in ok), default=None),
+                    "acc": statistics.mean(accs) if accs else None,
+                    "acc_std": statistics.pstdev(accs) if accs else None,
+                    "delta": statistics.mean(deltas) if deltas else None,
+                }
+            )
+    return out
+
+
+def markdown(summary: list[dict], bases: dict[int, float]) -> str:
+    accs = list(bases.values())
+    lines = [
+        f"base accuracy {statistics.mean(accs):.2f} ± {statistics.pstdev(accs):.2f}% "
+        f"(seeds {', '.join(map(str, bases))})",
+        "",
+        "| MACs target (kept) | method | MACs kept | worst |kept − target| | accuracy (%) "
+        "| Δ vs base | failed runs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        if s["acc"] is None:
+            lines.append(
+                f"| {s['target']} | {LABELS[s['method']]} | — | — | — | — | {s['failed']} |"
+            )
+            continue
+        lines.append(
+            f"| {s['target']} | {LABELS[s['method']]} | {s['macs_kept']:.3f} | "
+            f"{s['worst_miss']:.3f} | {s['acc']:.2f} ± {s['acc_std']:.2f} | {s['delta']:+.2f} | "
+            f"{s['failed']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], bases: dict[int, float], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for method in METHODS:
+        pts = [s for s in summary if s["method"] == method and s["acc"] is not None]
+        if pts:
+            ax.errorbar(
+                [s["macs_kept"] for s in pts],
+                [s["acc"] for s in pts],
+                yerr=[s["acc_std"] for s in pts],
+                marker="o",
+                capsize=3,
+                label=LABELS[method],
+            )
+    ax.axhline(statistics.mean(bases.values()), color="gray", ls="--", label="dense base")
+    ax.set_xscale("log")
+    ax.set_xlabel("MACs kept (pruned / dense, conv + linear)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--models", nargs="+", default=["resnet20", "resnet56"], choices=list(DEPTHS))
-    p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3, 0.1])
+    p.add_argument("--models", nargs="+", default=["resnet20"], choices=list(DEPTHS))
+    p.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--train-subset", type=int, default=10_000)
-    p.add_argument("--base-epochs", type=int, default=6)
-    p.add_argument("--epochs", type=int, default=4)
-    add_method_arg(p)
+    p.add_argument("--test-subset", type=int, default=0, help="0: the full 10,000")
+    p.add_argument("--base-epochs", type=int, default=15)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--tag", default="", help="suffix of the result files")
     args = p.parse_args()
     train_set, test_set = load_fashion_mnist(train_subset=args.train_subset or None)
-    gen = torch.Generator().manual_seed(0)
-    train = DataLoader(train_set, batch_size=64, shuffle=True, generator=gen)
+    if args.test_subset:
+        test_set = Subset(test_set, range(args.test_subset))
     test = DataLoader(test_set, batch_size=500)
     example = (test_set[0][0][None],)
+    stem = "fashion_resnet" + (f"_{args.tag}" if args.tag else "")
     results, tables = {}, []
     for name in args.models:
-        torch.manual_seed(0)
-        base = cifar_resnet(DEPTHS[name], num_classes=10, in_channels=1)
-        base_acc, base_s = train_base(base, train, test, epochs=args.base_epochs, lr=0.1, seed=0)
-        print(f"{name}: base {base_acc:.2f}% ({base_s:.0f} s)", flush=True)
-        rows = compare(
-            base, example, args.targets, train, test, method=args.method, epochs=args.epochs, seed=0
+        rows, bases = [], {}
+        for seed in args.seeds:
+            gen = torch.Generator().manual_seed(seed)
+            train = DataLoader(train_set, batch_size=args.batch, shuffle=True, generator=gen)
+            torch.manual_seed(seed)
+            base = cifar_resnet(DEPTHS[name], num_classes=10, in_channels=1)
+            bases[seed], base_s = train_base(
+                base, train, test, epochs=args.base_epochs, lr=0.1, seed=seed
+            )
+            print(f"{name} seed {seed}: base {bases[seed]:.2f}% ({base_s:.0f} s)", flush=True)
+            for target in args.targets:
+                for method in args.methods:
+                    row = run_row(
+                        method,
+                        copy.deepcopy(base),
+                        example,
+                        target,
+                        train,
+                        test,
+                        epochs=args.epochs,
+                        seed=seed,
+                    )
+                    rows.append(row)
+                    print({k: v for k, v in row.items() if k != "stats"}, flush=True)
+        summary = summarize(rows, bases)
+        results[name] = {"bases": bases, "rows": rows, "summary": summary}
+        png = ROOT / "benchmarks" / "results" / f"{stem}_{name}.png"
+        png.parent.mkdir(parents=True, exist_ok=True)
+        plot(
+            summary,
+            bases,
+            png,
+            f"{name}, Fashion-MNIST {args.train_subset or 60000} images, "
+            f"{args.base_epochs}+{args.epochs} epochs, seeds {args.seeds}",
         )
-        results[name] = {"base_acc": base_acc, "base_seconds": base_s, "rows": rows}
-        tables.append(f"### {name}\n\n" + markdown(rows, base_acc))
-    save(
-        "benchmarks/results/fashion_resnet.json",
-        {"machine": machine(), "args": vars(args), "results": results},
-    )
+        tables.append(f"### {name}\n\n" + markdown(summary, bases) + f"\n\nPlot: {png.name}")
+        save(
+            f"benchmarks/results/{stem}.json",
+            {"machine": machine(), "args": vars(args), "results": results},
+        )
     print("\n\n".join(tables))
 
 

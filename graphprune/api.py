@@ -24,6 +24,7 @@ from graphprune.planning.macs import count_macs
 from graphprune.planning.target import check_reached
 from graphprune.report import CompressionReport, build_report
 from graphprune.training import distributed
+from graphprune.training.distill import DistillConfig, DistillLoss, frozen_teacher
 from graphprune.training.loop import evaluate, fit, iterations_per_epoch
 
 
@@ -44,7 +45,9 @@ class TrainingOptions:
     that are not classifiers. ``checkpoint_dir``: atomic checkpoints per epoch and, with
     ``checkpoint_every=N``, every N iterations; ``resume=True`` continues from them after
     checking that the method's config and the training settings are the same (``"force"``:
-    continue anyway). See graphprune.training.loop.fit."""
+    continue anyway). See graphprune.training.loop.fit. ``distill`` (True or a DistillConfig)
+    adds a KL term toward the dense model's logits: the teacher is a frozen copy of the traced
+    model taken before the method changes it."""
 
     train_loader: Iterable | None = None
     val_loader: Iterable | None = None
@@ -56,6 +59,7 @@ class TrainingOptions:
     checkpoint_every: int | None = None
     resume: bool | str = False
     progress: bool = True
+    distill: DistillConfig | bool | None = None
 
 
 TRAINING_OPTIONS = tuple(f.name for f in fields(TrainingOptions))
@@ -94,6 +98,7 @@ def compress(
         reasons = "; ".join(sorted({r for g in groups for r in g.reasons}))
         where = f"; frozen submodules: {', '.join(frozen)}" if frozen else ""
         raise PlanError(f"{type(model).__name__} has no prunable channel group ({reasons}{where})")
+    teacher = frozen_teacher(gm) if cls.trains and training.distill else None
     m = cls(
         gm,
         config,
@@ -104,7 +109,7 @@ def compress(
         layer_macs=dense.per_layer,
         verify=verify,
     )
-    train_seconds = _train(m, config, training) if cls.trains else None
+    train_seconds = _train(m, config, training, teacher) if cls.trains else None
     val = training.val_loader
     accuracy_before = evaluate(m.model, val) if val is not None else None
     pruned = m.finalize(verify=verify)
@@ -152,16 +157,27 @@ def _split_options(
     base = method if isinstance(method, MethodConfig) else None
     config = make_config(cls, base, {k: v for k, v in options.items() if k in config_names})
     t = TrainingOptions(**training)  # type: ignore[arg-type]
+    if t.distill and t.train_step is not None:
+        raise TypeError(
+            "distill= wraps the classification loss and cannot see inside a custom train_step; "
+            "use graphprune.training.distill.DistillLoss in your step instead"
+        )
     if cls.trains and (t.train_loader is None or t.epochs is None):
         raise TypeError(f"{cls.name} trains: compress() needs train_loader= and epochs=")
     return config, t
 
 
-def _train(m: Method, config: MethodConfig, t: TrainingOptions) -> float:
+def _train(m: Method, config: MethodConfig, t: TrainingOptions, teacher: nn.Module | None) -> float:
     """Train ``m.model`` in place through the method's hooks; returns the seconds it took.
-    The method's name and config define the run: a resume with any other value is refused."""
-    run_config = json.loads(json.dumps({"method": m.name, **config.to_dict()}, default=str))
+    The method's name and config (and the distillation setting) define the run: a resume with
+    any other value is refused."""
+    run = {"method": m.name, **config.to_dict(), "distill": t.distill}
+    run_config = json.loads(json.dumps(run, default=str))
     extra = {"loss_fn": t.loss_fn} if t.loss_fn is not None else {}
+    step = t.train_step
+    if teacher is not None:
+        kd = t.distill if isinstance(t.distill, DistillConfig) else DistillConfig()
+        step = DistillLoss.from_config(teacher, kd, task_loss=t.loss_fn).train_step
     history = fit(
         m.model,
         t.train_loader,  # type: ignore[arg-type]
@@ -169,7 +185,7 @@ def _train(m: Method, config: MethodConfig, t: TrainingOptions) -> float:
         lr=t.lr,
         param_groups=m.param_groups(t.lr),
         hooks=m,
-        train_step=t.train_step,
+        train_step=step,
         val_loader=t.val_loader,
         checkpoint_dir=t.checkpoint_dir,
         checkpoint_every=t.checkpoint_every,

@@ -204,9 +204,8 @@ def test_training_method_builds_the_model_for_the_data(tmp_path: Path) -> None:
     for its default 3-channel CIFAR input; training runs through the method's hooks."""
     path = tmp_path / "r20.pt"
     argv = ["compress", "resnet20", "--method", "resrep", "--data", "digits", "--epochs", "1"]
-    argv += ["--batch-size", "256", "--round-to", "1", "--out", str(path), "--json"]
-    with pytest.warns(UserWarning, match="iterations"):  # 6 iterations: far too few to decay
-        code, out, err = _run(argv)
+    argv += ["--batch-size", "4", "--round-to", "1", "--out", str(path), "--json"]
+    code, out, err = _run(argv)  # 360 small iterations: enough for masked rows to decay
     assert code == 0, err
     report = json.loads(out)
     assert report["method"] == "resrep" and report["config"]["round_to"] == 1
@@ -215,6 +214,13 @@ def test_training_method_builds_the_model_for_the_data(tmp_path: Path) -> None:
     assert tuple(example.shape) == (1, 1, 16, 16)
     with torch.no_grad():
         assert model.eval()(example).shape == (1, 10)
+
+
+def test_training_method_refuses_a_budget_too_short_to_decay_masked_rows(capsys) -> None:
+    argv = ["compress", "resnet20", "--method", "resrep", "--data", "digits", "--epochs", "1"]
+    assert main([*argv, "--batch-size", "256"]) == 2  # 6 iterations
+    err = capsys.readouterr().err
+    assert "would not decay below fold_threshold" in err and "suffice" in err
 
 
 def test_training_method_refuses_a_model_that_does_not_fit_the_data(capsys) -> None:

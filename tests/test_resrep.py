@@ -22,7 +22,7 @@ import graphprune
 from graphprune import count_macs, trace
 from graphprune.analysis import ChannelGraph, build_channel_graph
 from graphprune.apps.data import load_digits_splits
-from graphprune.errors import PlanError
+from graphprune.errors import PlanError, TrainingError
 from graphprune.methods.resrep import ResRep, ResRepSchedule, resrep_finalize
 from graphprune.passes import insert_compactors
 from graphprune.passes.compactor import Compactor
@@ -149,7 +149,16 @@ def _finalize_zoo(name: str):
 # Zoo models with no group shaped only by dense convs + their BNs, so no compactor site: the
 # exactness tests would compare a model with itself. What holds for them is checked instead by
 # test_models_without_compactor_sites_are_refused_and_finalize_is_a_no_op.
-NO_COMPACTOR_SITES = ("convnext", "regnet")
+# functional_norms: its BatchNorms are F.batch_norm calls, not BatchNorm2d after a conv; the
+# ViTs: Linear producers only (compactors go after dense Conv2d).
+NO_COMPACTOR_SITES = (
+    "convnext",
+    "regnet",
+    "functional_norms",
+    "vit",
+    "vit_sdpa",
+    "vit_levit_split",
+)
 EXACT_NAMES = [
     pytest.param(n, marks=pytest.mark.skip(reason=f"{n}: no compactor site, nothing to compare"))
     if n in NO_COMPACTOR_SITES
@@ -377,24 +386,25 @@ def test_extreme_target_never_empties_a_group() -> None:
     torch.manual_seed(0)
     gm = trace(randomize_(ZOO["resnet_basic"]()), (torch.randn(ZOO_INPUT_SHAPE),))
     with pytest.raises(PlanError) as err:
-        ResRep(
-            copy.deepcopy(gm), flops_target=1e-3, total_iters=1000, schedule=schedule(), round_to=1
-        )
+        ResRep(copy.deepcopy(gm), flops_target=1e-3, min_keep_fraction=0.0, **_QUIET)
     floor = float(re.search(r"at least (\d\.\d+)", str(err.value)).group(1))
-    rr = ResRep(gm, flops_target=floor + 2e-3, total_iters=1000, schedule=schedule(), round_to=1)
+    # min_keep_fraction=0: the floor is one channel per group
+    rr = ResRep(gm, flops_target=floor + 2e-3, min_keep_fraction=0.0, **_QUIET)
     randomize_compactors_(rr.compactors, seed=2)
     for _ in range(3):
         rr.update_masks()
     masks = rr.masks()
     assert all(m.sum() >= 1 for m in masks.values()), {g: m.sum() for g, m in masks.items()}
-    assert sum(int((m == 1).sum()) for m in masks.values()) < len(masks) + 6  # near the floor
+    assert floor - 1e-3 <= rr.masked_fraction_macs() <= floor + 2e-3  # at the floor
     assert rr.masked_fraction_macs() <= floor + 2e-3
 
 
 def test_masks_never_empty_a_split_member() -> None:
     torch.manual_seed(0)
     gm = trace(ShuffleNet(), (torch.randn(ZOO_INPUT_SHAPE),))
-    rr = ResRep(gm, flops_target=0.3, total_iters=1000, schedule=schedule(), round_to=1)
+    # 0.35, not 0.3: counting the channels each branch really keeps (one at least per split
+    # half), 0.3 is out of reach; the old average-based MACs model only seemed to reach it.
+    rr = ResRep(gm, flops_target=0.35, total_iters=1000, schedule=schedule(), round_to=1)
     rr.update_masks()
     with torch.no_grad():
         for c in rr.compactors:
@@ -512,7 +522,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path) -> None:
     files = sorted(p.name for p in (tmp_path / "cut").iterdir())
     assert files == ["last.pt"], files  # atomic: no temporary file left behind
     saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
-    assert saved["epoch"] == 1 and saved["hooks"] == {"iteration": 10}
+    assert saved["epoch"] == 1 and saved["hooks"]["iteration"] == 10
     mask_keys = [k for k in saved["model"] if k.endswith("_compactor.mask")]
     assert len(mask_keys) == 2
 
@@ -605,13 +615,13 @@ def test_unreachable_target_names_the_reachable_minimum() -> None:
     ResRep(trace(small_pair(), (torch.randn(DIGITS),)), flops_target=floor + 0.01, **_QUIET)
 
 
-def test_unreachable_message_accounts_for_round_to() -> None:
-    # 16-wide groups rounded to 8: conv1 64*8*9 = 4608, conv2 64*8*8*9 = 36864, linear 80,
-    # of dense 9216 + 147456 + 160 = 156832 -> 0.265 is the least reachable.
+def test_unreachable_message_accounts_for_the_guard() -> None:
+    # min_keep_fraction 0.5 keeps 8 of each 16-wide group: conv1 64*8*9 = 4608,
+    # conv2 64*8*8*9 = 36864, linear 80, of dense 9216 + 147456 + 160 = 156832 -> 0.265.
     floor = (4608 + 36864 + 80) / (9216 + 147456 + 160)
     gm = trace(tiny_cnn(16, 16), (torch.randn(DIGITS),))
-    with pytest.raises(PlanError) as err:
-        ResRep(gm, flops_target=0.2, total_iters=1000, schedule=schedule(), round_to=8)
+    with pytest.raises(PlanError, match="min_keep_fraction") as err:
+        ResRep(gm, flops_target=0.2, min_keep_fraction=0.5, **(_QUIET | {"round_to": 8}))
     assert f"{floor:.3f}" in str(err.value)
 
 
@@ -651,8 +661,6 @@ def test_flops_target_outside_unit_interval(target: float) -> None:
 
 
 def test_empty_loader_is_a_training_error() -> None:
-    from graphprune.errors import TrainingError
-
     with pytest.raises(TrainingError, match="empty"):
         graphprune.compress(
             small_pair(),
@@ -662,4 +670,44 @@ def test_empty_loader_is_a_training_error() -> None:
             train_loader=[],
             epochs=1,
             progress=False,
+        )
+
+
+def test_compress_with_distillation_from_the_dense_model() -> None:
+    train, test = digits_loaders()
+    torch.manual_seed(0)
+    model = tiny_cnn(16, 32)
+    before = _state(model)
+    x = torch.randn(DIGITS)
+    runs = {}
+    for distill in (False, True):
+        torch.manual_seed(0)
+        runs[distill] = graphprune.compress(
+            model,
+            "resrep",
+            example_inputs=(x,),
+            flops_target=0.5,
+            train_loader=train,
+            val_loader=test,
+            epochs=8,
+            lr=0.05,
+            progress=False,
+            distill=distill,
+        )
+    report = runs[True].report
+    assert report.accuracy_before_finalize == report.accuracy_after_finalize > 85.0
+    assert report.macs_ratio <= 0.5 + 1e-3
+    # the KL term changed training (same seed, same data order otherwise)
+    a, b = (dict(runs[d].model.named_parameters()) for d in (False, True))
+    assert any(not torch.equal(a[k], b[k]) for k in a if k in b and a[k].shape == b[k].shape)
+    assert all(torch.equal(before[k], v) for k, v in _state(model).items()), "teacher is a copy"
+    with pytest.raises(TypeError, match="train_step"):
+        graphprune.compress(
+            model,
+            "resrep",
+            example_inputs=(x,),
+            train_loader=train,
+            epochs=8,
+            distill=True,
+            train_step=lambda m, batch: F.cross_entropy(m(batch[0]), batch[1]),
         )

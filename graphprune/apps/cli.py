@@ -96,7 +96,7 @@ def _training_setup(args: argparse.Namespace):
     return model, (sample,), train, val
 
 
-_TRAINING_FLAGS = ("data", "epochs", "lr", "batch_size", "checkpoint_dir", "resume")
+_TRAINING_FLAGS = ("data", "epochs", "lr", "batch_size", "checkpoint_dir", "resume", "distill")
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -124,6 +124,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         )
         if args.checkpoint_dir:
             options.update(checkpoint_dir=args.checkpoint_dir, resume=args.resume)
+        if args.distill:
+            options["distill"] = True
     else:
         given = [
             f"--{f.replace('_', '-')}"
@@ -291,6 +293,11 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, help="default 64")
     t.add_argument("--checkpoint-dir")
     t.add_argument("--resume", action="store_true")
+    t.add_argument(
+        "--distill",
+        action="store_true",
+        help="distill from the dense model while compressing (KL on logits, T=4, weight 0.5)",
+    )
     s.add_argument("--out", help="save the pruned model here (.pt)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_compress)

@@ -99,8 +99,9 @@ def run_demo(
             epochs=epochs,
             lr=METHOD_LR,
             # One checkpoint folder per setting: resuming never mixes runs with other targets.
-            checkpoint_dir=out / f"{cls.name}_target{flops_target}_epochs{epochs}",
+            checkpoint_dir=out / f"{cls.name}_target{flops_target}_epochs{epochs}_distill",
             resume=True,
+            distill=True,  # the dense base is at hand: the pruned model learns from it too
         )
     how = f" ({epochs} epochs, lr {METHOD_LR})" if cls.trains else ""
     print(f"[2/4] {cls.name} to {flops_target:.2f} of the MACs{how}")

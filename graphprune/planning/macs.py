@@ -18,15 +18,15 @@ from graphprune.frontend.modes import eval_mode
 # Convolutions and the matrix products nn.Linear lowers to; activation-activation products
 # (bmm of attention) are not counted, as in the papers' convention.
 _MAC_OPS = ("aten.convolution", "aten.mm", "aten.addmm")
+UNATTRIBUTED = "<outside any leaf module>"
 
 
 @dataclass(frozen=True, slots=True)
 class MacsReport:
     """Totals and per-module MACs (module names as in ``model.named_modules()``).
 
-    ``per_layer`` holds leaf modules; the key ``""`` holds the MACs outside every leaf (a
-    functional conv/linear in a forward, a parent's own matmuls), so its values sum to
-    ``macs``: planners that shrink some layers see every MAC they cannot shrink.
+    ``per_layer`` sums to ``macs``: MACs no leaf module owns (a functional linear called at
+    the top of a traced graph, a parent module's own matmuls) are under ``UNATTRIBUTED``.
     """
 
     macs: int
@@ -66,7 +66,6 @@ def count_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> Macs
         for name, macs in per_layer.items()
         if macs and not any(other.startswith(name + ".") for other in per_layer)
     }
-    rest = total - sum(leaves.values())
-    if rest > 0:
-        leaves[""] = rest
+    if total > sum(leaves.values()):
+        leaves[UNATTRIBUTED] = total - sum(leaves.values())
     return MacsReport(macs=total, params=count_params(model), per_layer=leaves)

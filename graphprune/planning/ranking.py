@@ -30,14 +30,10 @@ import numpy as np
 
 from graphprune.analysis import ChannelGraph
 from graphprune.planning.plan import is_tied, keep_every_member_alive, rounded_width
-from graphprune.planning.selection import MacsModel, ranking_of, unreachable, walk
+from graphprune.planning.selection import MacsModel, unreachable, walk
 from graphprune.planning.target import blockers
 
 DEFAULT_MIN_KEEP_FRACTION = 0.1
-# A rounding step is used only while the floor it imposes (every group at its smallest rounded
-# width) leaves at least half the target free for the ranking to allocate; otherwise the
-# rounding, not the scores, would decide most widths.
-ROUNDING_SLACK = 0.5
 
 
 def producer_mean(
@@ -176,15 +172,12 @@ def choose_rounding(
     *,
     who: str = "",
 ) -> Rounding:
-    """The coarsest rung of ``rounding_ladder(round_to)`` that leaves the ranking room to reach
-    ``flops_target`` (its floor at most ROUNDING_SLACK x target); else the coarsest that can
-    reach it at all. PlanError, naming the smallest reachable fraction, when even exact widths
-    at the floors cannot."""
+    """The coarsest rung of ``rounding_ladder(round_to)`` that can reach ``flops_target`` with
+    every group at or above its floor: ``round_to`` wherever the target allows it, finer only
+    where it would make the target unreachable. PlanError, naming the smallest reachable
+    fraction, when even exact widths at the floors cannot."""
     ladder = rounding_ladder(round_to)
     floor = {r: floor_fraction(graph, layer_macs, floors, r) for r in ladder}
-    for r in ladder:
-        if floor[r] <= ROUNDING_SLACK * flops_target:
-            return r
     for r in ladder:
         if floor[r] <= flops_target:
             return r
@@ -222,10 +215,10 @@ def select_kept(
     tolerance: float = 0.01,
 ) -> Selection:
     """The walk to ``flops_target`` (lowest score first, ``floors`` respected, at most
-    ``max_drop`` channels dropped). Without ``max_drop`` this is a final choice: channels are
-    given back best score per MAC first while the MACs stay at or under the target, and if
-    that still ends more than ``tolerance`` under it, the finer rungs of the ladder are tried
-    (the first within tolerance wins, else the closest)."""
+    ``max_drop`` channels dropped). Once the target is reached, channels are given back, best
+    score per MAC first, while the MACs stay at or under it. Without ``max_drop`` this is a
+    final choice: if it still ends more than ``tolerance`` under the target, the finer rungs
+    of the ladder are tried (the first within tolerance wins, else the closest)."""
     rungs = [rounding]
     if max_drop is None:
         ladder = rounding_ladder(rounding.round_to)
@@ -243,7 +236,7 @@ def select_kept(
             min_keep=floors,
         )
         counts = {g: len(plan[g]) if g in plan else graph.groups[g].channels for g in scores}
-        if max_drop is None and reached:
+        if reached:
             counts = _give_back(graph, scores, layer_macs, flops_target, counts, r)
         sel = _selection(graph, scores, layer_macs, counts, r, flops_target)
         if max_drop is not None or not sel.reached:
@@ -265,7 +258,7 @@ def _selection(graph, scores, layer_macs, counts, rounding, target) -> Selection
     plan = keep_every_member_alive(
         graph, {g: p for g, p in plan.items() if len(p) < graph.groups[g].channels}, scores
     )
-    model = MacsModel(graph, layer_macs, ranking_of(scores))
+    model = MacsModel(graph, layer_macs)
     kept = {}
     for g in scores:
         kept[g] = plan.get(g, np.arange(graph.groups[g].channels))
@@ -277,7 +270,7 @@ def _selection(graph, scores, layer_macs, counts, rounding, target) -> Selection
 def _give_back(graph, scores, layer_macs, target, counts, rounding) -> dict[int, int]:
     """Greedy: re-add the next allowed width step with the best score per added MAC while the
     MACs stay under the target."""
-    model = MacsModel(graph, layer_macs, ranking_of(scores))
+    model = MacsModel(graph, layer_macs)
     for g, k in counts.items():
         model.set_kept(g, k)
     limit = target * model.dense * (1 + 1e-9)

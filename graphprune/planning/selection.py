@@ -2,9 +2,9 @@
 
 The MACs model: a conv/linear layer's MACs scale with the fraction of its input channels kept
 (dense layers only; a grouped conv's per-group input width is fixed) times the fraction of its
-output channels kept; a layer that sees only some channels of a group (a split half) counts
-which channels are kept, best first. MACs outside every modelled layer are a fixed part of the
-dense total. The pruned model is always re-measured with FlopCounterMode (planning.target).
+output channels kept. Each group contributes a fixed number of indices per channel to each
+layer, so remaining MACs are a cheap function of how many channels each group keeps. The
+pruned model is always re-measured with FlopCounterMode; the model only guides the search.
 """
 
 from __future__ import annotations
@@ -44,25 +44,32 @@ def l2_scores(gm: fx.GraphModule, graph: ChannelGraph) -> dict[int, np.ndarray]:
 
 
 class MacsModel:
-    """Predicted MACs as a function of kept channels per group.
+    """Predicted MACs as a function of which channels each group keeps.
 
-    A layer side that sees every channel of a group equally often shrinks in proportion to
-    the channels kept. A side that sees only some channels (half of a split, one shuffle
-    column, a slice) shrinks by which channels are kept, so with ``ranking`` (per group, the
-    channels best first: the order a plan keeps them in) keeping ``k`` channels means keeping
-    ``ranking[:k]`` and the side's kept count is exact. Without a ranking, sides are assumed
-    to see channels uniformly.
+    A group with scores keeps its top-``k`` channels (highest score first, as the planner
+    and the pruner keep them); any group may be given an explicit set. Each layer side counts
+    the group atoms it holds among the kept channels, so a layer that reads only part of a
+    group (one half of a split, a channel-shuffle branch) sees exactly the channels it loses.
+    A group without scores kept by count alone is predicted by its kept fraction (an average).
     """
 
     def __init__(
         self,
         graph: ChannelGraph,
         layer_macs: Mapping[str, int],
-        ranking: Mapping[int, np.ndarray] | None = None,
+        scores: Mapping[int, np.ndarray] | None = None,
     ) -> None:
         self.graph = graph
-        self.ranking = ranking or {}
-        self.layers = []  # (dense macs, [in side, out side]); side: {gid: kept count by width}
+        self.order: dict[int, np.ndarray] = {}  # gid -> positions, first kept first
+        self.rank: dict[int, np.ndarray] = {}  # gid -> rank of each position in that order
+        self.ordered = set(scores or ())  # groups whose top-k by score is known
+        for g in graph.groups:
+            if scores is not None and g.id in scores:
+                self._set_order(g.id, np.argsort(-np.asarray(scores[g.id]), kind="stable"))
+            else:
+                self._set_order(g.id, np.arange(g.channels))
+        # per layer: (dense macs, [side: (atoms on that side, {gid: atoms per position})])
+        self.layers: list[tuple[int, list[tuple[int, dict[int, tuple]]]]] = []
         self.touching: dict[int, list[int]] = defaultdict(list)
         for layer in graph.mac_layers:
             dense = int(layer_macs.get(layer.target, 0))
@@ -71,44 +78,65 @@ class MacsModel:
             sides = [self._counts(layer.in_atoms), self._counts(layer.out_atoms)]
             index = len(self.layers)
             self.layers.append((dense, sides))
-            for gid in set(sides[0]) | set(sides[1]):
+            for gid in set(sides[0][1]) | set(sides[1][1]):
                 self.touching[gid].append(index)
-        self.kept = {g.id: g.channels for g in graph.groups}
+        # MACs of layers analysis does not model (an opaque op's matmuls, a leaf module with
+        # no rule): they stay whatever the plan, and count toward the dense total, so a
+        # target is a fraction of what the model really costs.
+        modeled = {layer.target for layer in graph.mac_layers}
+        self.fixed = float(sum(v for k, v in layer_macs.items() if k not in modeled))
+        self.kept: dict[int, int] = {g.id: g.channels for g in graph.groups}
+        self._kept_sets: dict[int, np.ndarray] = {}
         self.layer_macs = [self._layer(i) for i in range(len(self.layers))]
-        # MACs no group shrinks (frozen submodules, functional linears, attention modules):
-        # part of the dense total the target is a fraction of, never of what pruning removes.
-        modelled = {layer.target for layer in graph.mac_layers}
-        self.fixed = sum(int(v) for k, v in layer_macs.items() if k not in modelled)
         self.dense = sum(d for d, _ in self.layers) + self.fixed
 
-    def _counts(self, atoms: np.ndarray | None) -> dict[int, np.ndarray]:
-        """Per group: atoms of this side kept when the group keeps 0, 1, ... channels."""
+    def _set_order(self, gid: int, order: np.ndarray) -> None:
+        self.order[gid] = order
+        self.rank[gid] = np.empty(len(order), dtype=np.int64)
+        self.rank[gid][order] = np.arange(len(order))
+
+    def _cumulative(self, gid: int, per_position: np.ndarray) -> np.ndarray:
+        by_rank = np.zeros_like(per_position)
+        by_rank[self.rank[gid]] = per_position
+        return np.concatenate([[0], np.cumsum(by_rank)])
+
+    def _counts(self, atoms: np.ndarray | None) -> tuple[int, dict[int, tuple]]:
+        """Atoms per position of each group on one layer side, and their running sum over
+        the group's keep order (so the top-k count is one lookup)."""
         if atoms is None:
-            return {}
+            return 0, {}
         gids, pos = self.graph.positions(atoms.reshape(-1))
         out = {}
         for g in np.unique(gids).tolist():
-            n = self.graph.groups[g].channels
-            per_channel = np.bincount(pos[gids == g], minlength=n).astype(np.float64)
-            order = self.ranking.get(g)
-            if order is None or np.all(per_channel == per_channel[0]):
-                # Uniform: kept atoms scale with the kept channel count.
-                out[g] = np.arange(n + 1) * (per_channel.sum() / n)
-            else:
-                out[g] = np.concatenate([[0.0], np.cumsum(per_channel[np.asarray(order)])])
-        return out
+            per_position = np.bincount(pos[gids == g], minlength=self.graph.groups[g].channels)
+            out[g] = (per_position, self._cumulative(g, per_position))
+        return atoms.size, out
+
+    def _kept_atoms(self, gid: int, counts: tuple) -> float:
+        per_position, cumulative = counts
+        kept = self._kept_sets.get(gid)
+        if kept is not None:
+            return float(per_position[kept].sum())
+        if gid not in self.ordered:
+            return float(per_position.sum()) * self.kept[gid] / len(per_position)
+        return float(cumulative[self.kept[gid]])
 
     def _layer(self, i: int) -> float:
         dense, sides = self.layers[i]
         frac = 1.0
-        for counts in sides:
+        for total, counts in sides:
             if counts:
-                full = sum(c[-1] for c in counts.values())
-                frac *= sum(c[self.kept[g]] for g, c in counts.items()) / full
+                frac *= sum(self._kept_atoms(g, c) for g, c in counts.items()) / total
         return dense * frac
 
-    def set_kept(self, gid: int, kept: int) -> None:
-        self.kept[gid] = kept
+    def set_kept(self, gid: int, kept: int | np.ndarray) -> None:
+        """Keep the top ``kept`` channels of the group by score, or exactly the given ones."""
+        if isinstance(kept, (int, np.integer)):
+            self.kept[gid] = int(kept)
+            self._kept_sets.pop(gid, None)
+        else:
+            self._kept_sets[gid] = np.asarray(kept, dtype=np.int64)
+            self.kept[gid] = len(self._kept_sets[gid])
         for i in self.touching.get(gid, ()):
             self.layer_macs[i] = self._layer(i)
 
@@ -116,10 +144,28 @@ class MacsModel:
     def macs(self) -> float:
         return float(sum(self.layer_macs)) + self.fixed
 
+    def kept_positions(self, gid: int) -> np.ndarray:
+        kept = self._kept_sets.get(gid)
+        return np.sort(kept if kept is not None else self.order[gid][: self.kept[gid]])
 
-def ranking_of(scores: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
-    """Per group, channels best first: the order ``walk`` keeps them in."""
-    return {g: np.argsort(-np.asarray(s), kind="stable") for g, s in scores.items()}
+    def emptied(self, gid: int) -> np.ndarray | None:
+        """Per-position atom counts of a layer side touching ``gid`` that keeps no atom."""
+        for i in self.touching.get(gid, ()):
+            for _, counts in self.layers[i][1]:
+                if gid in counts and not any(self._kept_atoms(g, c) for g, c in counts.items()):
+                    return counts[gid][0]
+        return None
+
+    def protect(self, gid: int, pos: int) -> None:
+        """Move channel ``pos`` to the front of its group's keep order: kept while any is."""
+        order = self.order[gid]
+        self._set_order(gid, np.concatenate([[pos], order[order != pos]]))
+        self.ordered.add(gid)
+        for i in self.touching.get(gid, ()):
+            for _, counts in self.layers[i][1]:
+                if gid in counts:
+                    counts[gid] = (counts[gid][0], self._cumulative(gid, counts[gid][0]))
+            self.layer_macs[i] = self._layer(i)
 
 
 def select_channels(
@@ -159,29 +205,38 @@ def walk(
     ``fine`` rounds widths below ``round_to`` more finely (``rounded_width``); ``min_keep``
     (group id -> channels) is a floor no group is walked below (at least 1 always).
     """
-    ranking = ranking_of(scores)
-    model = MacsModel(graph, layer_macs, ranking)
+    model = MacsModel(graph, layer_macs, scores)
     target = flops_target * model.dense
     order = sorted((float(s), gid, pos) for gid, arr in scores.items() for pos, s in enumerate(arr))
     tied = {gid: is_tied(graph, gid) for gid in scores}
     removed: dict[int, int] = defaultdict(int)
     floor = dict(min_keep or {})
+    protected: dict[int, int] = defaultdict(int)
     dropped = 0  # channels actually dropped after rounding, what max_drop limits
     for _, gid, _pos in order:
         if model.macs <= target or (max_drop is not None and dropped >= max_drop):
             break
         n = graph.groups[gid].channels
-        if n - removed[gid] <= max(1, floor.get(gid, 1)):
+        if n - removed[gid] <= max(1, floor.get(gid, 1), protected[gid]):
             continue
         removed[gid] += 1
         before = model.kept[gid]
         model.set_kept(gid, rounded_width(n - removed[gid], n, round_to, tied=tied[gid], fine=fine))
+        # A layer reading only some of the group's channels (half of a split, a shuffle
+        # branch) must keep one: its best channel is then kept ahead of the score order.
+        while (side := model.emptied(gid)) is not None:
+            if protected[gid] >= model.kept[gid]:
+                removed[gid] -= 1
+                model.set_kept(gid, before)
+                break
+            held = np.nonzero(side)[0]
+            model.protect(gid, int(held[np.argmin(model.rank[gid][held])]))
+            protected[gid] += 1
         dropped += before - model.kept[gid]
     plan = {}
     for gid in scores:
-        keep = model.kept[gid]
-        if keep < graph.groups[gid].channels:
-            plan[gid] = np.sort(ranking[gid][:keep])
+        if model.kept[gid] < graph.groups[gid].channels:
+            plan[gid] = model.kept_positions(gid)
     return plan, model.macs <= target * (1 + 1e-9)
 
 
@@ -198,8 +253,7 @@ def out_of_reach(
     (those the method can prune) keeps one channel, rounded up as the pruner would."""
     from graphprune.planning.target import blockers
 
-    ranking = ranking_of(gids) if isinstance(gids, Mapping) else None
-    model = MacsModel(graph, layer_macs, ranking)
+    model = MacsModel(graph, layer_macs)
     gids = list(gids)
     for gid in gids:
         n = graph.groups[gid].channels

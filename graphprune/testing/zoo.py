@@ -391,3 +391,8 @@ ZOO: dict[str, Callable[[], nn.Module]] = {
     "yolo": YOLO,
     "fpn": FPN,
 }
+
+# Patterns of model libraries (functional norms, attention, ...) live in their own module.
+from graphprune.testing.zoo_libs import LIB_ZOO  # noqa: E402
+
+ZOO.update(LIB_ZOO)

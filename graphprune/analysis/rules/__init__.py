@@ -31,6 +31,7 @@ from torch import fx, nn
 from graphprune.analysis.atoms import ChannelError, TensorChannels
 from graphprune.analysis.builder import Builder
 from graphprune.frontend import meta
+from graphprune.frontend.params import get_tensor
 
 Rule = Callable[[Builder, fx.Node, "nn.Module | None"], object]
 
@@ -121,10 +122,42 @@ def _has_tensor_input(b: Builder, node: fx.Node) -> bool:
 
 
 class ParamValue:
-    """A parameter read with get_attr (e.g. a layer-scale gamma); bound to channels on use."""
+    """A parameter read with get_attr (e.g. a layer-scale gamma); bound to channels on use.
 
-    def __init__(self, path: str) -> None:
+    ``view`` is set when the graph reshaped it to broadcast (GRN's ``weight.view(1, 1, 1, -1)``):
+    the viewed shape, and for each viewed axis the parameter's own axis (-1 for size-1 axes).
+    """
+
+    def __init__(
+        self, path: str, view: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    ) -> None:
         self.path = path
+        self.view = view
+
+
+def param_shape(b: Builder, v: ParamValue) -> tuple[int, ...]:
+    """The shape the parameter has where it is used: its viewed shape, else its own (an
+    expanded read keeps its own, whose size-1 axes bind no channels)."""
+    return v.view[0] if v.view is not None else tuple(get_tensor(b.gm, v.path).shape)
+
+
+def param_axis(v: ParamValue, axis: int) -> int:
+    """The parameter's own axis behind an axis of ``param_shape``."""
+    return v.view[1][axis] if v.view is not None else axis
+
+
+def repeated_along(b: Builder, x: TensorChannels, d: int) -> bool:
+    """True when channels span several dims and every slice along ``d`` holds the same
+    channel classes at the same positions (paths stacked by a selective kernel, a radix view
+    whose columns are tied): no plan can shrink ``d``, and a channel's entries along it go
+    together, so normalizing or summing along ``d`` stays within each channel."""
+    if d not in x.dims or len(x.dims) < 2:
+        return False
+    find = np.vectorize(b.uf.find, otypes=[np.int64])
+    classes = find(x.atoms)
+    axis = x.dims.index(d)
+    first = np.take(classes, [0], axis=axis)
+    return bool(np.all(classes == first))
 
 
 def _tc(b: Builder, arg: object) -> TensorChannels:
@@ -163,4 +196,10 @@ def _placeholder(b: Builder, node: fx.Node) -> object:
 
 
 # The rule modules register themselves on import; they use the helpers above.
-from graphprune.analysis.rules import layers, shape_ops, tensor_ops  # noqa: E402,F401
+from graphprune.analysis.rules import (  # noqa: E402,F401
+    attention,
+    layers,
+    norms,
+    shape_ops,
+    tensor_ops,
+)

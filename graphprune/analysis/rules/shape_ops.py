@@ -12,9 +12,21 @@ from torch import fx, nn
 
 from graphprune.analysis.atoms import ChannelError, TensorChannels
 from graphprune.analysis.builder import Builder
-from graphprune.analysis.rules import Shrink, _arg, _dim, _shape, _tc, register
+from graphprune.analysis.rules import (
+    ParamValue,
+    Shrink,
+    _arg,
+    _dim,
+    _shape,
+    _tc,
+    param_axis,
+    param_shape,
+    register,
+    repeated_along,
+)
 from graphprune.errors import GraphInvariantError
 from graphprune.frontend import meta
+from graphprune.frontend.params import get_tensor
 
 
 def _input_channels(s: Shrink, node: fx.Node) -> TensorChannels | None:
@@ -30,8 +42,10 @@ def _cat(b: Builder, node: fx.Node, m: object) -> TensorChannels:
     inputs = list(_arg(node, 0, "tensors"))
     nd = len(_shape(node))
     d = _dim(int(_arg(node, 1, "dim", 0)), nd)
-    values = [b.value(a) for a in inputs]
-    if not all(isinstance(v, TensorChannels) for v in values):
+    all_values = [b.value(a) for a in inputs]
+    params = [v for v in all_values if isinstance(v, ParamValue)]
+    values = [v for v in all_values if not isinstance(v, ParamValue)]
+    if not values or not all(isinstance(v, TensorChannels) for v in values):
         raise ChannelError("cat of non-tensor values")
     if all(d not in v.dims for v in values):
         # Joined along a spatial/batch dim: every input must hold the same channels.
@@ -40,12 +54,17 @@ def _cat(b: Builder, node: fx.Node, m: object) -> TensorChannels:
             opaque = any(v.opaque for v in values)
             return TensorChannels.unknown() if opaque else TensorChannels.free()
         out = carried[0]
-        for v in values[1:]:
+        for v in values:
             if v.dims != out.dims or v.atoms.shape != out.atoms.shape:
                 raise ChannelError("cat joins a tensor whose channels differ from the others'")
-            b.uf.union_arrays(out.atoms, v.atoms)
+            if v is not out:
+                b.uf.union_arrays(out.atoms, v.atoms)
+        for p in params:  # a parameter joined in (a ViT's class token) is producer-side
+            _bind_param(b, p, out, nd)
         flag = any(v.nonzero_when_zeroed for v in values)
         return out.marked_nonzero(flag)
+    if params:
+        raise ChannelError("cat of a parameter along the channel dim")
     parts = []
     for a, v in zip(inputs, values, strict=True):
         if v.dims == (d,):
@@ -56,6 +75,17 @@ def _cat(b: Builder, node: fx.Node, m: object) -> TensorChannels:
             parts.append(seg)
     flag = any(v.nonzero_when_zeroed for v in values)
     return TensorChannels((d,), np.concatenate(parts), nonzero_when_zeroed=flag)
+
+
+def _bind_param(b: Builder, p: ParamValue, out: TensorChannels, nd: int) -> None:
+    """Bind a parameter broadcast against ``out`` (right-aligned) to out's channels."""
+    p_shape = param_shape(b, p)
+    offset = nd - len(p_shape)
+    if len(out.dims) != 1 or out.dims[0] < offset:
+        raise ChannelError("a parameter meets channels it has no dim for")
+    if p_shape[out.dims[0] - offset] != len(out.atoms):
+        raise ChannelError("a parameter broadcasts along the channel dim")
+    b.site(p.path, param_axis(p, out.dims[0] - offset), out.atoms, "out")
 
 
 def _shrink_split(s: Shrink, node: fx.Node, m: object) -> None:
@@ -69,9 +99,13 @@ def _shrink_split(s: Shrink, node: fx.Node, m: object) -> None:
     if dim not in x.dims:
         return
     sizes, offset = [], 0
+    axis = x.dims.index(dim)
     for shape in s.old_shapes[node]:
         part = x.sliced(dim, offset, offset + shape[dim]).atoms
-        sizes.append(int(np.sum(~s.removed[part.reshape(-1)])))
+        # Positions along ``dim`` that keep any atom (channels may span several dims, e.g.
+        # heads x head_dim, where a position goes only with all its atoms).
+        others = tuple(a for a in range(part.ndim) if a != axis)
+        sizes.append(int(np.sum((~s.removed[part]).any(axis=others))))
         offset += shape[dim]
     node.op, node.target = "call_function", torch.split
     node.args, node.kwargs = (node.args[0], sizes, dim), {}
@@ -159,8 +193,23 @@ def _getitem(b: Builder, node: fx.Node, m: object) -> object:
 
 
 # --- moving dims around ----------------------------------------------------------------------
+def _shrink_param_view(s: Shrink, node: fx.Node, p: ParamValue) -> None:
+    """The view of a sliced parameter takes its new sizes (``weight.view(1, C, 1, 1)``)."""
+    own = get_tensor(s.gm, p.path).shape
+    packed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
+    shape = list(node.args[1] if packed else node.args[1:])
+    for d, axis in enumerate(p.view[1]):
+        if axis >= 0 and isinstance(shape[d], int) and shape[d] != -1:
+            shape[d] = int(own[axis])
+    node.args = (node.args[0], tuple(shape)) if packed else (node.args[0], *shape)
+
+
 def _shrink_view(s: Shrink, node: fx.Node, m: object) -> None:
     """Explicit sizes of channel dims in view/reshape become the surviving counts."""
+    param = s.value(node)
+    if isinstance(param, ParamValue) and param.view is not None:
+        _shrink_param_view(s, node, param)
+        return
     out = s.value(node)
     if _input_channels(s, node) is None or not isinstance(out, TensorChannels) or not out.dims:
         return
@@ -172,7 +221,8 @@ def _shrink_view(s: Shrink, node: fx.Node, m: object) -> None:
         for axis in range(kept.ndim)
     ]
     for axis, d in enumerate(out.dims):
-        if isinstance(shape[d], int) and shape[d] != -1:
+        # A size read from another tensor (x.shape[-1]) is static for a channel dim: bake it.
+        if isinstance(shape[d], fx.Node) or (isinstance(shape[d], int) and shape[d] != -1):
             shape[d] = per_axis[axis]
     if int(kept.sum()) != int(np.prod(per_axis)):
         raise GraphInvariantError(
@@ -194,7 +244,10 @@ def _shrink_view(s: Shrink, node: fx.Node, m: object) -> None:
     "view_as",
     "reshape_as",
 )
-def _reshape(b: Builder, node: fx.Node, m: object) -> TensorChannels:
+def _reshape(b: Builder, node: fx.Node, m: object) -> object:
+    v = b.value(node.args[0])
+    if isinstance(v, ParamValue):
+        return _param_view(b, v, _shape(node))
     out = _tc(b, node.args[0]).reshaped(_shape(node.args[0]), _shape(node))
     if len(out.dims) > 1:
         # Channels split over several dims (e.g. a channel shuffle's (groups, C/groups)):
@@ -202,6 +255,18 @@ def _reshape(b: Builder, node: fx.Node, m: object) -> TensorChannels:
         for column in np.moveaxis(out.atoms, -1, 0).reshape(out.atoms.shape[-1], -1):
             b.uf.tie(column)
     return out
+
+
+def _param_view(b: Builder, v: ParamValue, shape: tuple[int, ...]) -> ParamValue:
+    """A parameter viewed to broadcast: only size-1 axes may come or go, so every axis of
+    size > 1 is one of the parameter's own (the channel axis it will bind)."""
+    own = param_shape(b, v)
+    own_axes = [param_axis(v, a) for a, size in enumerate(own) if size > 1]
+    sizes = [size for size in own if size > 1]
+    if [size for size in shape if size > 1] != sizes:
+        raise ChannelError("view of a parameter that moves entries between axes")
+    it = iter(own_axes)
+    return ParamValue(v.path, (tuple(shape), tuple(next(it) if n > 1 else -1 for n in shape)))
 
 
 @register(torch.permute, "permute", torch.transpose, "transpose", "t")
@@ -218,20 +283,90 @@ def _permute(b: Builder, node: fx.Node, m: object) -> TensorChannels:
     else:
         dims = node.args[1:] if len(node.args) > 2 else node.args[1]
         perm = [_dim(int(p), nd) for p in (dims if isinstance(dims, (list, tuple)) else [dims])]
-    if x.carries and (perm[0] != 0):
-        raise ChannelError("permute moves the batch dim")
+    # The batch dim may move (timm's qkv.permute(2, 0, 3, 1, 4) puts q/k/v first for an
+    # unbind); rules that need dim 0 to be the batch check it themselves (reshape does).
     return x.permuted(perm)
 
 
 @register(torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin")
 def _reduce(b: Builder, node: fx.Node, m: object) -> TensorChannels:
+    dims = _arg(node, 1, "dim")
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    return _reduced(b, node, dims, bool(_arg(node, 2, "keepdim", False)), exact=name == "sum")
+
+
+@register("norm", torch.norm, torch.linalg.vector_norm)
+def _norm(b: Builder, node: fx.Node, m: object) -> TensorChannels:
+    """A vector norm: zero entries add nothing to it, for every order."""
+    dims = _arg(node, 2, "dim")
+    return _reduced(b, node, dims, bool(_arg(node, 3, "keepdim", False)), exact=True)
+
+
+def _reduced(
+    b: Builder, node: fx.Node, dims: object, keepdim: bool, *, exact: bool
+) -> TensorChannels:
+    """Reduce over ``dims``. Over spatial dims channels pass on; over every channel dim the
+    result has no channels left, and removing zeroed channels leaves it unchanged only for
+    ``exact`` reductions (sum, norms); a mean divides by how many there are, a max can be a
+    zero, so those groups are inexact (GRN's channel mean, CBAM's channel pooling)."""
     x = _tc(b, node.args[0])
     nd = len(_shape(node.args[0]))
-    dims = _arg(node, 1, "dim")
     if dims is None:
         raise ChannelError("reduces over every dim, channels included")
     dims = [_dim(int(d), nd) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
-    if any(d in x.dims for d in dims):
-        raise ChannelError("reduces over the channel dim")
-    keepdim = bool(_arg(node, 2, "keepdim", False))
-    return x if keepdim else x.without_dims(dims)
+    hit = [d for d in dims if d in x.dims]
+    if not hit:
+        return x if keepdim else x.without_dims(dims)
+    if len(hit) < len(x.dims) and all(repeated_along(b, x, d) for d in hit):
+        # Over a dim that never shrinks (stacked paths): each channel reduces on its own.
+        atoms = x.atoms
+        for d in sorted(hit, reverse=True):
+            atoms = np.take(atoms, 0, axis=x.dims.index(d))
+        out = x.with_dims(tuple(d for d in x.dims if d not in hit), atoms)
+        return out if keepdim else out.without_dims(dims)
+    if set(x.dims) - set(dims):
+        raise ChannelError("reduces over some channel dims but not all")
+    if not exact or x.nonzero_when_zeroed:
+        b.mark_inexact(
+            x.all_atoms(), f"{node.name}: reducing over channels depends on the removed ones"
+        )
+    return TensorChannels.free()
+
+
+@register("expand", "expand_as")
+def _expand(b: Builder, node: fx.Node, m: object) -> object:
+    """Broadcast to a larger shape: channel dims keep their size. A parameter stays a
+    parameter (bound to channels where it is used, e.g. a class token joined by cat)."""
+    v = b.value(node.args[0])
+    in_shape, out_shape = _shape(node.args[0]), _shape(node)
+    if isinstance(v, ParamValue):
+        if len(in_shape) != len(out_shape):
+            raise ChannelError("expand adds dims to a parameter")
+        return v
+    x = _tc(b, node.args[0]).offset_dims(len(out_shape) - len(in_shape))
+    if any(out_shape[d] != in_shape[d - (len(out_shape) - len(in_shape))] for d in x.dims):
+        raise ChannelError("expand changes a channel dim")
+    return x
+
+
+@register(torch.stack)
+def _stack(b: Builder, node: fx.Node, m: object) -> TensorChannels:
+    """Stack along a new dim: the inputs' channels correspond position by position (a
+    selective kernel's paths are summed after), so they are unioned, and the new dim, one
+    copy per input, never shrinks."""
+    inputs = list(_arg(node, 0, "tensors"))
+    nd = len(_shape(node))
+    d = _dim(int(_arg(node, 1, "dim", 0)), nd)
+    values = [_tc(b, a) for a in inputs]
+    first = values[0]
+    for v in values[1:]:
+        if v.dims != first.dims or v.atoms.shape != first.atoms.shape:
+            raise ChannelError("stack of tensors whose channels differ")
+        b.uf.union_arrays(first.atoms, v.atoms)
+    if not first.dims:
+        opaque = any(v.opaque for v in values)
+        return TensorChannels.unknown() if opaque else TensorChannels.free()
+    shifted = [e + (e >= d) for e in first.dims]
+    dims = tuple(sorted([*shifted, d]))
+    atoms = np.stack([v.atoms for v in values], axis=dims.index(d))
+    return first.with_dims(dims, atoms).marked_nonzero(any(v.nonzero_when_zeroed for v in values))

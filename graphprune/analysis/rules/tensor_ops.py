@@ -12,7 +12,17 @@ from torch import fx, nn
 
 from graphprune.analysis.atoms import ChannelError, TensorChannels
 from graphprune.analysis.builder import Builder
-from graphprune.analysis.rules import ParamValue, _arg, _dim, _shape, _tc, register
+from graphprune.analysis.rules import (
+    ParamValue,
+    _arg,
+    _dim,
+    _shape,
+    _tc,
+    param_axis,
+    param_shape,
+    register,
+    repeated_along,
+)
 
 # --- ops that pass channels through unchanged ---------------------------------------------
 # Elementwise ops with f(0) = 0: a zeroed channel stays zero.
@@ -111,7 +121,7 @@ def _softmax(b: Builder, node: fx.Node, m: nn.Module | None) -> TensorChannels:
     x = _tc(b, node.args[0])
     nd = len(_shape(node))
     d = m.dim if m is not None else _arg(node, 1, "dim")
-    if d is None or _dim(int(d), nd) in x.dims:
+    if d is None or (_dim(int(d), nd) in x.dims and not repeated_along(b, x, _dim(int(d), nd))):
         raise ChannelError("softmax normalizes over channels")
     return x.marked_nonzero()  # a zero channel becomes uniform 1/N
 
@@ -127,22 +137,54 @@ def _binary(b: Builder, node: fx.Node, m: object) -> object:
     """Elementwise with broadcasting: aligned channel dims are the same channels."""
     out_nd = len(_shape(node))
     tensors: list[tuple[TensorChannels, tuple[int, ...]]] = []
-    params: list[tuple[str, tuple[int, ...]]] = []
+    params: list[ParamValue] = []
     for a in node.args[:2]:
         v = b.values.get(a) if isinstance(a, fx.Node) else None
         if isinstance(v, ParamValue):
-            params.append((v.path, _shape(a)))
+            params.append(v)
         elif isinstance(v, TensorChannels):
             tensors.append((v.offset_dims(out_nd - len(_shape(a))), _shape(a)))
     if not tensors:
         return TensorChannels.free() if params else None
     x = tensors[0][0] if len(tensors) == 1 else _unify(b, tensors[0], tensors[1], out_nd)
-    for path, p_shape in params:
+    _bind_params(b, params, x, out_nd)
+    return x.marked_nonzero(_nonzero_after(node, tensors, params))
+
+
+def _bind_params(b: Builder, params: list[ParamValue], x: TensorChannels, out_nd: int) -> None:
+    """Parameters broadcast against ``x`` hold producer-side entries of its channels."""
+    for p in params:
+        p_shape = param_shape(b, p)
         for axis, size in enumerate(p_shape):
             d = axis + out_nd - len(p_shape)
             if size > 1 and d in x.dims:
-                b.site(path, axis, x.along(d), "out")
-    return x.marked_nonzero(_nonzero_after(node, tensors, params))
+                b.site(p.path, param_axis(p, axis), x.along(d), "out")
+
+
+@register(torch.addcmul, "addcmul")
+def _addcmul(b: Builder, node: fx.Node, m: object) -> TensorChannels:
+    """input + value * t1 * t2 (GRN's bias + weight * (x * Nx)): all operands' channels align."""
+    out_nd = len(_shape(node))
+    tensors: list[tuple[TensorChannels, tuple[int, ...]]] = []
+    params: list[ParamValue] = []
+    zero: list[bool] = []  # per operand: is a zeroed channel zero in it?
+    for a in node.args[:3]:
+        v = b.value(a)
+        if isinstance(v, ParamValue):
+            params.append(v)
+            zero.append(True)
+        elif isinstance(v, TensorChannels):
+            tensors.append((v.offset_dims(out_nd - len(_shape(a))), _shape(a)))
+            zero.append(v.carries and not v.nonzero_when_zeroed)
+        else:
+            raise ChannelError("addcmul of a non-tensor operand")
+    if not tensors:
+        return TensorChannels.free()
+    x = tensors[0][0]
+    for other in tensors[1:]:
+        x = _unify(b, (x, tensors[0][1]), other, out_nd)
+    _bind_params(b, params, x, out_nd)
+    return x.marked_nonzero(not (zero[0] and (zero[1] or zero[2])))
 
 
 def _nonzero_after(node: fx.Node, tensors, params) -> bool:

@@ -2,16 +2,24 @@
 
 Compactors (identity 1x1 convs behind each producer's norm) learn to "forget": after every
 backward pass, each compactor row i gets  grad_i = m_i·dL/dQ_i + λ·Q_i / max(||Q_i||, eps),
-so masked rows (m_i = 0) only decay. Masks are re-chosen on a schedule by ranking all rows
-globally by norm until the remaining MACs reach the target. At the end, BN is fused, the
-compactors are folded into the convs (exact) and the zeroed channels are removed.
+so masked rows (m_i = 0) only decay. Masks are re-chosen on a schedule until the remaining
+MACs reach the target. At the end, BN is fused, the compactors are folded into the convs
+(exact) and the zeroed channels are removed.
+
+How channels are ranked (planning/ranking.py has the reasoning): a channel's importance is
+its compactor row norm averaged over the group's producers (never summed: a residual stream
+would look 4-10x more important), times a first-order Taylor prior measured over the warm-up
+(informative from the first mask, when norms have barely moved), divided by the MACs the
+channel costs; no group goes below ``min_keep_fraction`` of its width. Widths are rounded to
+``round_to`` where the target allows and finer where it would be out of reach; the last mask
+update lands within 0.01 of the target.
 
 Use ``ResRep`` in any training loop (own loop, DDP, Lightning)::
 
     rr = ResRep(graphprune.trace(model, (x,)), flops_target=0.5, total_iters=T, lr=0.05)
     opt = torch.optim.SGD(rr.param_groups(lr=0.05), lr=0.05)
     for x, y in loader:
-        loss = F.cross_entropy(rr.model(x), y)
+        loss = F.cross_entropy(rr.model(x), y)   # or DistillLoss(teacher)(rr.model(x), x, y)
         opt.zero_grad(); loss.backward(); rr.after_backward(); opt.step(); rr.step()
     pruned = rr.finalize()
 """
@@ -19,7 +27,7 @@ Use ``ResRep`` in any training loop (own loop, DDP, Lightning)::
 from __future__ import annotations
 
 import functools
-import warnings
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,18 +35,34 @@ import numpy as np
 import torch
 from torch import fx
 
-from graphprune.errors import PlanError
+from graphprune.errors import PlanError, TrainingError
 from graphprune.methods.base import Method, MethodConfig, option, register_method
-from graphprune.methods.resrep.schedule import ResRepSchedule
+from graphprune.methods.resrep.schedule import (
+    ResRepSchedule,
+    iterations_that_suffice,
+    masked_row_decays,
+)
 from graphprune.passes import cleanup, fold_compactors, fuse_bn, insert_compactors, prune_channels
 from graphprune.passes.compactor import Compactor
 from graphprune.passes.runner import Pass
-from graphprune.planning.plan import keep_every_member_alive
-from graphprune.planning.selection import MacsModel, out_of_reach, walk
+from graphprune.planning.ranking import (
+    DEFAULT_MIN_KEEP_FRACTION,
+    channel_costs,
+    choose_rounding,
+    guard_floors,
+    normalized_prior,
+    per_mac,
+    producer_mean,
+    rank_correlation,
+    select_kept,
+    taylor_saliency,
+)
+from graphprune.planning.selection import MacsModel
 
 
-def resrep_finalize(*, round_to: int = 8, fold_threshold: float = 1e-5) -> list[Pass]:
-    """The passes that turn a trained ResRep model into the pruned one."""
+def resrep_finalize(*, round_to: int = 1, fold_threshold: float = 1e-5) -> list[Pass]:
+    """The passes that turn a trained ResRep model into the pruned one. The masks already
+    have their rounded widths, so the pruner removes exactly the zeroed channels."""
     return [
         fuse_bn,  # the compactor must sit directly on a conv to be folded
         # Q·K, Q·b; rows below the threshold become all-zero output channels
@@ -61,16 +85,31 @@ class ResRepConfig(MethodConfig):
     fold_threshold: float = option(
         1e-5, "compactor rows with a smaller L2 norm are removed when folding"
     )
+    min_keep_fraction: float = option(
+        DEFAULT_MIN_KEEP_FRACTION,
+        "no group keeps fewer than this fraction of its channels (at least 1): no layer collapse",
+    )
+    cost_aware: bool = option(True, "rank channels by importance per MAC they cost")
+    taylor_prior: bool = option(
+        True, "weigh row norms by a first-order Taylor saliency measured over the warm-up"
+    )
 
     def validate(self) -> None:
         if not self.fold_threshold >= 0:
             raise ValueError(f"fold_threshold={self.fold_threshold}: must be >= 0")
+        if not 0.0 <= self.min_keep_fraction < 1.0:
+            raise ValueError(
+                f"min_keep_fraction={self.min_keep_fraction}: must be in [0, 1) "
+                "(0.1 keeps a tenth of every group; 0 allows one channel)"
+            )
 
 
 @dataclass(frozen=True, slots=True)
 class ResRepStats:
     masked_macs_fraction: float  # remaining MACs / dense predicted by the final masks
-    masked_rows_not_decayed: int  # masked rows still above fold_threshold: they are kept
+    masked_rows_not_decayed: int  # masked rows above fold_threshold (finalize refuses them)
+    rounding: str  # the widths the final masks use (finer than round_to only where needed)
+    rank_stability: tuple[float, ...]  # Spearman of scores between consecutive mask updates
     schedule: ResRepSchedule
 
 
@@ -81,7 +120,7 @@ class ResRep(Method):
     name = "resrep"
     config_class = ResRepConfig
     trains = True
-    min_iters = 300  # masked rows need ~300 iterations to decay below the fold threshold
+    min_iters = 300  # about what the adaptive schedule needs at lr 0.05 (prepare checks it)
     config: ResRepConfig
 
     # --- prepare --------------------------------------------------------------------------
@@ -89,26 +128,31 @@ class ResRep(Method):
         return [functools.partial(insert_compactors, internal_only=self.config.internal_only)]
 
     def prepare(self) -> None:
-        """Insert compactors, check the target is reachable with them, fit the schedule."""
+        """Insert compactors, choose the rounding that can reach the target, fit the schedule."""
         super().prepare()
         self.compactors = [m for m in self.model.modules() if isinstance(m, Compactor)]
         if not self.compactors:
             raise PlanError("ResRep found no group it can prune (no dense Conv2d producers)")
         self.groups = sorted({c.group for c in self.compactors})
-        # Check reachability now, with every compactor group at one channel.
-        probe = self._select({g: np.ones(self.graph.groups[g].channels) for g in self.groups}, None)
-        if probe is None:
-            raise out_of_reach(
-                self.graph,
-                self.layer_macs,
-                self.groups,
-                self.config.flops_target,
-                self.round_to,
-                who="ResRep",
-            )
-        to_mask = sum(self.graph.groups[g].channels - int(m.sum()) for g, m in probe.items())
+        channels = {g: self.graph.groups[g].channels for g in self.groups}
+        self.floors = guard_floors(channels, self.config.min_keep_fraction)
+        self.costs = channel_costs(self.graph, self.layer_macs, self.groups)
+        self.rounding = choose_rounding(
+            self.graph,
+            self.layer_macs,
+            self.floors,
+            self.config.flops_target,
+            self.round_to,
+            who="ResRep",
+        )
+        self.final_rounding = self.rounding
+        probe = self._select({g: np.ones(n) for g, n in channels.items()}, None)
+        to_mask = sum(channels[g] - int(m.sum()) for g, m in probe.items())
         self.schedule = self._schedule(to_mask)
         self.iteration = 0
+        self.prior_sum = {g: np.zeros(n) for g, n in channels.items()}
+        self.last_scores: np.ndarray | None = None
+        self.rank_stability: list[float] = []
         self._final_stats: ResRepStats | None = None
 
     def _schedule(self, to_mask: int) -> ResRepSchedule:
@@ -119,22 +163,31 @@ class ResRep(Method):
             if self.iters_per_epoch is None:
                 raise TypeError("schedule='paper' counts epochs: pass iters_per_epoch=")
             return ResRepSchedule.paper(self.iters_per_epoch)
-        if total < self.min_iters:
-            warnings.warn(
-                f"ResRep with {total} iterations: masked rows may not decay below the "
-                f"folding threshold in fewer than ~{self.min_iters}; train longer or use a "
-                "smaller batch",
-                stacklevel=4,
+        lr = 0.05 if self.lr is None else self.lr
+        schedule = ResRepSchedule.adaptive(total, to_mask, lr)
+        threshold = self.config.fold_threshold
+        if threshold > 0 and not masked_row_decays(schedule, total, lr, threshold):
+            need = iterations_that_suffice(to_mask, lr, threshold, at_least=total)
+            per = (
+                f" ({math.ceil(need / self.iters_per_epoch)} epochs)"
+                if self.iters_per_epoch
+                else ""
             )
-        return ResRepSchedule.adaptive(total, to_mask, 0.05 if self.lr is None else self.lr)
+            raise TrainingError(
+                f"ResRep with {total} iterations at lr {lr}: a channel masked at the last mask "
+                f"update would not decay below fold_threshold={threshold} before training "
+                f"ends, so the MACs target would be missed. About {need} iterations{per} "
+                "suffice: train longer or use a smaller batch"
+            )
+        return schedule
 
     # --- the training hooks ---------------------------------------------------------------
     def own_param_groups(self, lr: float) -> list[dict]:
-        """Compactors: their own momentum, no weight decay."""
+        """Compactors: the schedule's momentum and lr scale, no weight decay."""
         return [
             {
                 "params": [c.weight for c in self.compactors],
-                "lr": lr,
+                "lr": lr * self.schedule.compactor_lr_scale,
                 "momentum": self.schedule.compactor_momentum,
                 "weight_decay": 0.0,
             }
@@ -143,8 +196,11 @@ class ResRep(Method):
     @torch.no_grad()
     def after_backward(self) -> None:
         """Gradient resetting: grad_i = m_i·dL/dQ_i + λ_i·Q_i / max(||Q_i||, eps), where
-        λ_i is ``penalty`` for active rows and ``masked_penalty`` for masked ones."""
+        λ_i is ``penalty`` for active rows and ``masked_penalty`` for masked ones. During the
+        warm-up the task gradient first feeds the Taylor prior."""
         s = self.schedule
+        if self.config.taylor_prior and self.iteration < s.warmup_iters:
+            self._accumulate_prior()
         for c in self.compactors:
             q = c.matrix
             grad = c.weight.grad.view_as(q) if c.weight.grad is not None else torch.zeros_like(q)
@@ -153,6 +209,20 @@ class ResRep(Method):
             lam = m * s.penalty + (1 - m) * s.masked_penalty
             new = m * grad + lam * q / norms
             c.weight.grad = new.view_as(c.weight)
+
+    def _accumulate_prior(self) -> None:
+        rows = [
+            (
+                c.group,
+                c.channel_index.cpu().numpy(),
+                (c.matrix * c.weight.grad.view_as(c.matrix)).sum(1).double().cpu().numpy(),
+            )
+            for c in self.compactors
+            if c.weight.grad is not None
+        ]
+        channels = {g: len(v) for g, v in self.prior_sum.items()}
+        for g, v in taylor_saliency(rows, channels).items():
+            self.prior_sum[g] += v
 
     def step(self) -> None:
         """Advance one iteration; re-choose masks every ``mask_interval`` after warm-up,
@@ -169,19 +239,45 @@ class ResRep(Method):
 
     def state_dict(self) -> dict:
         """Masks live in the compactors' buffers (the model's state_dict); this is the rest."""
-        return {"iteration": self.iteration}
+        return {
+            "iteration": self.iteration,
+            "prior_sum": {g: torch.from_numpy(v.copy()) for g, v in self.prior_sum.items()},
+            "last_scores": None if self.last_scores is None else torch.from_numpy(self.last_scores),
+            "rank_stability": list(self.rank_stability),
+            "final_rounding": (self.final_rounding.round_to, self.final_rounding.fine),
+        }
 
     def load_state_dict(self, state: dict) -> None:
+        from graphprune.planning.ranking import Rounding
+
         self.iteration = int(state["iteration"])
+        if "prior_sum" in state:
+            self.prior_sum = {int(g): v.numpy().copy() for g, v in state["prior_sum"].items()}
+            last = state["last_scores"]
+            self.last_scores = None if last is None else last.numpy().copy()
+            self.rank_stability = [float(x) for x in state["rank_stability"]]
+            self.final_rounding = Rounding(*state["final_rounding"])
 
     # --- masks ---------------------------------------------------------------------------
     def group_scores(self) -> dict[int, np.ndarray]:
-        """Per group: each channel's compactor row norms summed over the group's compactors."""
-        scores = {g: np.zeros(self.graph.groups[g].channels) for g in self.groups}
-        for c in self.compactors:
-            norms = torch.linalg.vector_norm(c.matrix.detach(), dim=1).cpu().numpy()
-            np.add.at(scores[c.group], c.channel_index.cpu().numpy(), norms)
-        return scores
+        """Per group and channel: mean compactor row norm over the group's producers, times
+        the Taylor prior (when used), divided by the channel's MACs cost (when cost-aware)."""
+        channels = {g: self.graph.groups[g].channels for g in self.groups}
+        scores = producer_mean(
+            (
+                (
+                    c.group,
+                    c.channel_index.cpu().numpy(),
+                    torch.linalg.vector_norm(c.matrix.detach(), dim=1).double().cpu().numpy(),
+                )
+                for c in self.compactors
+            ),
+            channels,
+        )
+        if self.config.taylor_prior:
+            prior = normalized_prior(self.prior_sum)
+            scores = {g: s * prior[g] for g, s in scores.items()}
+        return per_mac(scores, self.costs) if self.config.cost_aware else scores
 
     def masks(self) -> dict[int, np.ndarray]:
         out = {g: np.ones(self.graph.groups[g].channels) for g in self.groups}
@@ -191,41 +287,44 @@ class ResRep(Method):
 
     @torch.no_grad()
     def update_masks(self) -> None:
-        """Rank all rows globally by norm; mask the lowest until the MACs target, but at most
-        ``channels_per_update`` more than are masked now (no cap at the last update before
-        ``mask_until``). Recomputed from scratch each time."""
+        """Rank all channels globally; mask the lowest until the MACs target, but at most
+        ``channels_per_update`` more than are masked now; the last update before
+        ``mask_until`` is uncapped and lands within 0.01 of the target. Recomputed from
+        scratch each time; the rank correlation with the previous update is recorded."""
         s = self.schedule
         masked_now = sum(int((m == 0).sum()) for m in self.masks().values())
         last = s.mask_until is not None and self.iteration + s.mask_interval > s.mask_until
-        cap = None if last else masked_now + s.channels_per_update
-        new = self._select(self.group_scores(), cap)
-        if new is None:
-            return
+        scores = self.group_scores()
+        flat = np.concatenate([scores[g] for g in self.groups])
+        if self.last_scores is not None:
+            rho = rank_correlation(self.last_scores, flat)
+            if rho is not None:
+                self.rank_stability.append(round(rho, 4))
+        self.last_scores = flat
+        new = self._select(scores, None if last else masked_now + s.channels_per_update)
         for c in self.compactors:
             c.mask.copy_(torch.from_numpy(new[c.group][c.channel_index.cpu().numpy()]))
 
-    def _select(
-        self, scores: dict[int, np.ndarray], cap: int | None
-    ) -> dict[int, np.ndarray] | None:
-        plan, reached = walk(
+    def _select(self, scores: dict[int, np.ndarray], cap: int | None) -> dict[int, np.ndarray]:
+        sel = select_kept(
             self.graph,
             scores,
             self.layer_macs,
             self.config.flops_target,
-            round_to=self.round_to,
+            rounding=self.rounding,
+            floors=self.floors,
             max_drop=cap,
         )
-        if cap is None and not reached:
-            return None
-        plan = keep_every_member_alive(self.graph, plan, scores)
-        masks = {g: np.ones(self.graph.groups[g].channels) for g in self.groups}
-        for g, kept in plan.items():
-            masks[g][:] = 0
-            masks[g][kept] = 1
+        if cap is None:
+            self.final_rounding = sel.rounding
+        masks = {}
+        for g in self.groups:
+            masks[g] = np.zeros(self.graph.groups[g].channels)
+            masks[g][sel.kept[g]] = 1
         return masks
 
     def masked_rows_above(self, threshold: float | None = None) -> int:
-        """Masked rows that have not yet decayed below the folding threshold (they stay)."""
+        """Masked rows that have not yet decayed below the folding threshold."""
         threshold = self.config.fold_threshold if threshold is None else threshold
         count = 0
         for c in self.compactors:
@@ -237,16 +336,36 @@ class ResRep(Method):
         """Predicted remaining MACs / dense MACs under the current masks."""
         model = MacsModel(self.graph, self.layer_macs)
         for g, m in self.masks().items():
-            model.set_kept(g, int(m.sum()))
+            model.set_kept(g, np.nonzero(m)[0])
         return model.macs / model.dense
 
     # --- the end -------------------------------------------------------------------------
     def finalize_passes(self) -> list[Pass]:
-        return resrep_finalize(round_to=self.round_to, fold_threshold=self.config.fold_threshold)
+        return resrep_finalize(round_to=1, fold_threshold=self.config.fold_threshold)
 
     def finalize(self, *, verify: bool | None = None) -> fx.GraphModule:
-        """Fuse BN, fold compactors, remove the zeroed channels. Mutates and returns the model."""
+        """Fuse BN, fold compactors, remove the zeroed channels. Mutates and returns the model.
+        Refuses (TrainingError) when masked rows have not decayed: they would stay, and the
+        model would keep more MACs than the target."""
         self._final_stats = self.stats()  # the compactors are gone afterwards
+        left = self._final_stats.masked_rows_not_decayed
+        planned = self._final_stats.masked_macs_fraction
+        if left:
+            total = max(int(self.total_iters or self.iteration), self.iteration, 1)
+            lr = 0.05 if self.lr is None else self.lr
+            need = iterations_that_suffice(
+                max(1, sum(int((m == 0).sum()) for m in self.masks().values())),
+                lr,
+                self.config.fold_threshold,
+                at_least=max(total, 2),
+            )
+            raise TrainingError(
+                f"ResRep: {left} masked compactor rows are still above fold_threshold="
+                f"{self.config.fold_threshold} after {self.iteration} iterations, so folding "
+                f"would keep them and miss the MACs target ({planned:.3f} planned). Train "
+                f"for about {max(need, 2 * self.iteration)} iterations with the "
+                "adaptive schedule (or a schedule whose masked_penalty decays rows in time)"
+            )
         return super().finalize(verify=verify)
 
     @property
@@ -257,7 +376,9 @@ class ResRep(Method):
         if self._final_stats is not None:
             return self._final_stats
         return ResRepStats(
-            masked_macs_fraction=self.masked_fraction_macs(),
+            masked_macs_fraction=round(self.masked_fraction_macs(), 4),
             masked_rows_not_decayed=self.masked_rows_above(),
+            rounding=str(self.final_rounding),
+            rank_stability=tuple(self.rank_stability),
             schedule=self.schedule,
         )

@@ -7,17 +7,23 @@ from dataclasses import dataclass
 
 from graphprune.training.loop import cosine_lr
 
+PAPER_MOMENTUM = 0.99
+# Before the masks freeze, the penalty should have moved a row the task does not hold by this
+# fraction of its initial norm (1), so row norms carry a signal of their own.
+SHAPING = 0.1
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ResRepSchedule:
     """When and how fast ResRep masks channels, and how hard masked rows are pushed to zero."""
 
-    warmup_iters: int
+    warmup_iters: int  # no masks before; the Taylor prior is accumulated over these iterations
     mask_interval: int
     channels_per_update: int
     penalty: float  # λ on every row (the paper's group-lasso term)
     masked_penalty: float  # λ on masked rows; equal to ``penalty`` in the paper
     compactor_momentum: float
+    compactor_lr_scale: float = 1.0  # compactor lr = this x the model's lr (the paper: 1)
     eps: float = 1e-8  # keeps λ·Q/||Q|| finite at Q = 0 (the official code has none)
     mask_until: int | None = None  # last iteration that may change masks (None: the paper's, never)
 
@@ -31,45 +37,99 @@ class ResRepSchedule:
             channels_per_update=4,
             penalty=1e-4,
             masked_penalty=1e-4,
-            compactor_momentum=0.99,
+            compactor_momentum=PAPER_MOMENTUM,
         )
 
     @staticmethod
     def adaptive(total_iters: int, channels_to_mask: int, lr: float) -> ResRepSchedule:
-        """Fit the schedule to the budget, assuming a cosine lr from ``lr`` to 0.
+        """Fit the schedule and the compactors' optimizer to the budget (cosine lr from ``lr``).
 
-        Masking runs from 5% to 30% of training in ~30 updates, each allowed twice its share
-        of the estimated channels to mask, and the last one uncapped so the target is reached
-        whatever the estimate (ranked by learned norms, cheap channels go first and more of
-        them are needed than a uniform-score estimate says); then the masks are frozen, so no
-        row is newly masked too late to decay (re-ranking until the end left dozens of rows
-        above the threshold on digits).
-        Active rows keep the paper's λ = 1e-4. Masked rows get a stronger λ_m, set so that a
-        row pushed by λ_m·Q/||Q|| with momentum μ travels about twice its initial norm (1)
-        over the last 65%: λ_m = 2·(1 − μ) / Σ lr_t. Below ||Q|| = eps = lr·λ_m/2 the push
-        acts as a weight decay too weak to overshoot and the row shrinks geometrically, under
-        the 1e-5 folding threshold. Short budgets use
-        μ = 0.9: with the paper's 0.99 a row averages its push over ~100 steps and oscillates
-        around zero instead of settling. These constants come from simulating one masked row
-        under this schedule; it reaches 1e-5 from about 300 iterations on, not from 100. The
-        paper's λ on every row would have to be ~0.1 at such budgets, which cost 20 points of
-        accuracy on digits before any masking.
+        Timing: the first 5% is warm-up (the Taylor prior is measured there), masking runs to
+        30% in ~30 updates, each allowed twice its share of the channels to mask, the last one
+        uncapped and exact so the target is met; then masks freeze, so every masked row has the
+        last 70% (D iterations) to decay.
+
+        Momentum μ: a masked row's push is averaged over ~1/(1-μ) steps; to settle at zero
+        rather than swing around it that horizon must be short against D: 1/(1-μ) = D/30,
+        kept within [10, 100], i.e. μ in [0.9, 0.99] (the paper's 0.99 from D = 3000 on).
+
+        Compactor lr: with momentum μ a parameter moves lr/(1-μ) per unit gradient. The paper's
+        compactors (μ = 0.99) move 100·lr, ten times the convs' 10·lr (μ = 0.9); a lower μ at
+        the same lr made them learn up to 10x slower. Their lr is scaled by 100·(1-μ) to keep
+        the paper's 100·lr at every μ.
+
+        λ (every row): the paper's 1e-4, raised on short budgets so that it moves an
+        unsupported row by SHAPING = 0.1 of its norm before the masks freeze:
+        λ = max(1e-4, 0.1 / Σ_{t<30%} 100·lr_t). (The paper's own λ-to-budget ratio would need
+        ~0.1 here, which cost 20 points of accuracy on digits before any masking.)
+
+        λ_m (masked rows): a row pushed by λ_m·Q/||Q|| moves 100·lr_t·λ_m per step, so it
+        travels twice its initial norm over D when λ_m = 2 / Σ_{t>=30%} 100·lr_t (never below
+        λ). Below ||Q|| = eps = lr_c·λ_m/2 the push acts as a weight decay too weak to
+        overshoot and the row shrinks geometrically under the 1e-5 folding threshold.
+        ``masked_row_decays`` simulates exactly that row; ResRep refuses a budget where it
+        would not reach the threshold and names one that would.
         """
         total = max(int(total_iters), 1)
         warmup = round(0.05 * total)
         mask_end = max(warmup + 1, round(0.30 * total))
         interval = max(1, (mask_end - warmup) // 30)
         updates = max(1, (mask_end - warmup) // interval)
-        momentum = 0.9 if total < 50_000 else 0.99
-        lr_sum = sum(cosine_lr(lr, t, total) for t in range(round(0.35 * total), total))
-        masked_penalty = 2.0 * (1.0 - momentum) / max(lr_sum, 1e-12)
+        horizon = min(100.0, max(10.0, (total - mask_end) / 30.0))
+        momentum = 1.0 - 1.0 / horizon
+        lr_scale = 100.0 * (1.0 - momentum)
+        moved_per_lambda = 100.0  # lr_c / (1 - μ) per unit of lr
+        shaping_sum = sum(cosine_lr(lr, t, total) for t in range(mask_end)) * moved_per_lambda
+        decay_sum = sum(cosine_lr(lr, t, total) for t in range(mask_end, total)) * moved_per_lambda
+        penalty = max(1e-4, SHAPING / max(shaping_sum, 1e-12))
+        masked_penalty = max(penalty, 2.0 / max(decay_sum, 1e-12))
         return ResRepSchedule(
             warmup_iters=warmup,
             mask_interval=interval,
             channels_per_update=max(1, math.ceil(2.0 * channels_to_mask / updates)),
-            penalty=1e-4,
+            penalty=penalty,
             masked_penalty=masked_penalty,
             compactor_momentum=momentum,
-            eps=0.5 * lr * masked_penalty,
+            compactor_lr_scale=lr_scale,
+            eps=max(1e-8, 0.5 * lr * lr_scale * masked_penalty),
             mask_until=mask_end,
         )
+
+
+def masked_row_decays(
+    schedule: ResRepSchedule, total_iters: int, lr: float, threshold: float, *, start_norm=1.0
+) -> bool:
+    """Whether a row masked at the last mask update (norm ``start_norm``, no momentum yet)
+    falls below ``threshold`` by the end of training, under SGD with the schedule's momentum
+    and a cosine lr. The gradient of a masked row is λ_m·Q/max(||Q||, eps), parallel to Q, so
+    the row only scales: this one-dimensional recursion is exact for it."""
+    s = schedule
+    start = s.mask_until if s.mask_until is not None else total_iters - 1
+    q, v = float(start_norm), 0.0
+    base = lr * s.compactor_lr_scale
+    for t in range(max(0, start), total_iters):
+        v = s.compactor_momentum * v + s.masked_penalty * q / max(abs(q), s.eps)
+        q -= cosine_lr(base, t, total_iters) * v
+    return abs(q) < threshold
+
+
+def iterations_that_suffice(
+    channels_to_mask: int, lr: float, threshold: float, *, at_least: int
+) -> int:
+    """The fewest iterations (within 5%) for which the adaptive schedule decays a masked row
+    below ``threshold``; searched by doubling from ``at_least`` and then bisection."""
+
+    def ok(total: int) -> bool:
+        s = ResRepSchedule.adaptive(total, channels_to_mask, lr)
+        return masked_row_decays(s, total, lr, threshold)
+
+    hi = max(2, int(at_least))
+    while not ok(hi):
+        hi *= 2
+        if hi > 10_000_000:
+            return hi
+    lo = max(1, hi // 2)
+    while hi - lo > max(1, hi // 20):
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+    return hi

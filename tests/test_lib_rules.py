@@ -1,0 +1,138 @@
+"""Rules for how model libraries write their layers: functional norms, attention, GRN, ...
+
+Each check compares against something independent of the rule under test: the same network
+through torch.nn modules (whose rules the zoo tests cover), or outputs of the unpruned model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graphprune import trace
+from graphprune.analysis import build_channel_graph
+from graphprune.passes import prune_channels
+from graphprune.passes.runner import verify
+from graphprune.testing.exactness import random_plan, randomize_, zero_dropped_channels
+from graphprune.testing.zoo import ZOO_INPUT_SHAPE
+from graphprune.testing.zoo_libs import ConvNeXtV2, FunctionalNorms, ViT
+
+
+def _traced(model: nn.Module):
+    torch.manual_seed(0)
+    gm = trace(model.eval(), (torch.randn(ZOO_INPUT_SHAPE),))
+    return gm, build_channel_graph(gm)
+
+
+def _summary(graph, rename: tuple[str, str] = ("", "")):
+    def members(g):
+        return sorted((m.name.replace(*rename), m.role, m.size) for m in g.members)
+
+    return [(g.channels, members(g), g.producers, g.prunable, g.exact) for g in graph.groups]
+
+
+def test_functional_norms_group_and_prune_like_the_torch_nn_modules() -> None:
+    """F.batch_norm / F.group_norm / F.layer_norm on a module's own parameters couple and
+    shrink exactly as BatchNorm2d / GroupNorm / LayerNorm modules do, inexact groups included
+    (a LayerNorm group pruned changes the output, but both forms must change it alike)."""
+    torch.manual_seed(0)
+    functional = randomize_(FunctionalNorms(functional=True))
+    modules = FunctionalNorms(functional=False)
+    state = {k.replace("ln.", "ln.norm."): v for k, v in functional.state_dict().items()}
+    modules.load_state_dict(state)
+    gm_f, graph_f = _traced(functional)
+    gm_m, graph_m = _traced(modules)
+    assert _summary(graph_f) == _summary(graph_m, rename=("ln.norm.", "ln."))
+    ln = [g for g in graph_f.groups if any(m.name == "ln.weight[0]" for m in g.members)]
+    gn = [g for g in graph_f.groups if any(m.name == "gn.weight[0]" for m in g.members)]
+    assert len(ln) == 1 and ln[0].prunable and not ln[0].exact
+    # conv1 -> gn -> depthwise conv2 -> ln: one group whose unit is a whole norm group of 8
+    assert gn == ln and gn[0].channels == 4
+
+    plan = random_plan(graph_f, np.random.default_rng(3), exact_only=False)
+    assert ln[0].id in plan and len(plan[ln[0].id]) < 4
+    x = torch.randn(2, *ZOO_INPUT_SHAPE[1:])
+    prune_channels(gm_f, plan=plan, round_to=1)
+    prune_channels(gm_m, plan=plan, round_to=1)
+    verify(gm_f)
+    with torch.no_grad():
+        torch.testing.assert_close(gm_f(x), gm_m(x), atol=1e-5, rtol=1e-5)
+    # The functional calls' baked-in widths follow (the module form's attributes are
+    # covered by the module rules).
+    (gn_node,) = [n for n in gm_f.graph.nodes if n.target is F.group_norm]
+    assert gn_node.args[1] == len(plan[gn[0].id])
+    (ln_node,) = [n for n in gm_f.graph.nodes if n.target is F.layer_norm]
+    assert tuple(ln_node.args[1]) == (8 * len(plan[ln[0].id]),)
+
+
+def test_grn_groups_are_inexact_and_prune_like_a_narrower_model() -> None:
+    """GRN divides by the channel mean, so its groups are inexact; pruned, the model must
+    equal the same architecture built narrower with the kept channels' weights."""
+    torch.manual_seed(0)
+    model = ConvNeXtV2().eval()
+    gm, graph = _traced(model)
+    grn0 = _group_with(graph, "grn0.weight[0]")
+    grn = _group_with(graph, "grn.weight[0]")
+    assert grn0.prunable and not grn0.exact and any("mean" in r for r in grn0.inexact_reasons)
+    assert grn.prunable and not grn.exact
+    assert {"grn0.bias[0]", "stem.1.weight[0]", "fc2.weight[0]"} <= _names(grn0)
+    assert {"grn.bias[0]", "fc1.weight[0]", "fc2.weight[1]"} <= _names(grn)
+    keep0, keep = [0, 3, 4, 9, 10, 15], list(range(0, 32, 3))
+    prune_channels(gm, plan={grn0.id: keep0, grn.id: keep}, round_to=1)
+    verify(gm)
+
+    narrow = ConvNeXtV2(c=len(keep0), hidden=len(keep)).eval()
+    by_size = {16: torch.tensor(keep0), 32: torch.tensor(keep)}
+    state = {}
+    for name, t in model.state_dict().items():
+        want = narrow.state_dict()[name].shape
+        for axis in range(t.dim()):
+            if t.shape[axis] != want[axis]:
+                t = t.index_select(axis, by_size[t.shape[axis]])
+        state[name] = t
+    narrow.load_state_dict(state)
+    x = torch.randn(2, *ZOO_INPUT_SHAPE[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), narrow(x), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(gm(x), model(x), atol=1e-3)  # pruning did change it
+
+
+def _group_with(graph, member: str):
+    (group,) = [g for g in graph.groups if member in _names(g)]
+    return group
+
+
+def _names(group) -> set[str]:
+    return {m.name for m in group.members}
+
+
+@pytest.mark.parametrize("kind", ["explicit", "sdpa", "split"])
+def test_attention_prunes_head_dims_in_every_head_and_q_k_v_alike(kind: str) -> None:
+    """A channel of a qkv group is one head-dim position, in every head (4) and, for the
+    (3, heads, head_dim) layout, in q, k and v: 12 qkv rows and 4 proj inputs per channel."""
+    torch.manual_seed(0)
+    gm, graph = _traced(ViT(kind=kind))
+    qkv = _group_with(graph, "blocks.0.attn.qkv.weight[0]")
+    sizes = {m.name: m.size for m in qkv.members}
+    assert qkv.prunable and qkv.exact and qkv.producers == ("blocks.0.attn.qkv",)
+    if kind == "split":  # LeViT: q/k positions tie (their dot product), v positions apart
+        assert qkv.channels == 16
+    else:
+        assert qkv.channels == 8 and sizes["blocks.0.attn.qkv.weight[0]"] == 96
+    assert sizes["blocks.0.attn.proj.weight[1]"] == 32
+    x = torch.randn(2, *ZOO_INPUT_SHAPE[1:])
+    plan = {qkv.id: [0, 2, 3, 5, 6, 7] + ([] if kind != "split" else list(range(8, 16)))}
+    zero_dropped_channels(gm, graph, plan)
+    with torch.no_grad():
+        zeroed = gm(x)
+        prune_channels(gm, plan=plan, round_to=1)
+        torch.testing.assert_close(gm(x), zeroed, atol=1e-5, rtol=1e-5)
+    if kind == "split":  # q/k positions 1 and 4 went (from every head); v kept whole
+        assert gm.get_submodule("blocks.0.attn.proj").in_features == 32
+        assert gm.get_submodule("blocks.0.attn.qkv").out_features == 96 - 2 * 2 * 4
+    else:
+        assert gm.get_submodule("blocks.0.attn.proj").in_features == 24
+        assert gm.get_submodule("blocks.0.attn.qkv").out_features == 72
