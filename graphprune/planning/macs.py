@@ -90,4 +90,6 @@ def _from_nodes(gm: fx.GraphModule, flops: Mapping[fx.Node, Mapping[str, int]]) 
         total += macs
         if macs and node.op == "call_module":
             per_layer[str(node.target)] = per_layer.get(str(node.target), 0) + macs
+    if total > sum(per_layer.values()):  # call_function convs/matmuls: no module owns them
+        per_layer[UNATTRIBUTED] = total - sum(per_layer.values())
     return MacsReport(macs=total, params=count_params(gm), per_layer=per_layer)
