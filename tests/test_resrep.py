@@ -27,6 +27,7 @@ from graphprune.methods.resrep import ResRep, ResRepSchedule, resrep_finalize
 from graphprune.passes import insert_compactors
 from graphprune.passes.compactor import Compactor
 from graphprune.passes.runner import run_passes
+from graphprune.planning.plan import keep_every_member_alive
 from graphprune.testing.exactness import randomize_
 from graphprune.testing.zoo import ZOO, ZOO_INPUT_SHAPE, ConvNeXt, ShuffleNet
 from graphprune.training.loop import evaluate, fit
@@ -83,11 +84,9 @@ def randomize_compactors_(compactors, seed: int) -> None:
 
 def repair_members(graph: ChannelGraph, keep: dict[int, np.ndarray]) -> None:
     """Keep one channel of every member a random mask would empty (e.g. a split half)."""
-    for s in graph.sites:
-        gids, pos = graph.positions(s.atoms.reshape(-1))
-        mine = [(int(g), int(p)) for g, p in zip(gids, pos, strict=True) if int(g) in keep]
-        if mine and len(mine) == s.atoms.size and not any(keep[g][p] for g, p in mine):
-            keep[mine[0][0]][mine[0][1]] = True
+    plan = {g: np.nonzero(k)[0] for g, k in keep.items()}
+    for g, kept in keep_every_member_alive(graph, plan).items():
+        keep[g][kept] = True
 
 
 def bn_after_conv(gm: fx.GraphModule) -> list[str]:

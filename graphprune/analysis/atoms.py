@@ -157,41 +157,77 @@ def _reshape_groups(
     return groups
 
 
+def unique_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The distinct (a[i], b[i]) of two non-negative integer arrays, as a 2 x k array sorted by
+    a then b (what ``np.unique(np.stack([a, b]), axis=1)`` gives, without its slow 2-D sort)."""
+    a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+    if a.size == 0:
+        return np.zeros((2, 0), dtype=np.int64)
+    width = int(b.max()) + 1
+    keys = np.unique(a * width + b)
+    return np.stack([keys // width, keys % width])
+
+
 class UnionFind:
-    """Union-find over atom ids with path halving; atoms are allocated in order."""
+    """Equivalence classes of atom ids; atoms are allocated in order.
+
+    Unions are only recorded during the walk (no rule needs a class mid-walk) and resolved
+    once, vectorized, by ``roots``: per-atom Python unions grew with every channel of every
+    depthwise conv and residual add. Each class is named by its first (smallest) atom.
+    """
 
     def __init__(self) -> None:
-        self.parent: list[int] = []
+        self.count = 0
+        self._left: list[np.ndarray] = []
+        self._right: list[np.ndarray] = []
 
     def new(self, count: int) -> np.ndarray:
-        start = len(self.parent)
-        self.parent.extend(range(start, start + count))
+        start = self.count
+        self.count += count
         return np.arange(start, start + count, dtype=np.int64)
 
-    def find(self, a: int) -> int:
-        parent = self.parent
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
     def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            # The older atom stays the root, so classes are named by their first atom.
-            if rb < ra:
-                ra, rb = rb, ra
-            self.parent[rb] = ra
+        self.union_arrays(np.asarray([a]), np.asarray([b]))
 
     def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
-        for x, y in zip(a.reshape(-1).tolist(), b.reshape(-1).tolist(), strict=True):
-            self.union(x, y)
+        """Atom ``a[i]`` and atom ``b[i]`` are one class, for every i."""
+        a, b = np.asarray(a, dtype=np.int64).reshape(-1), np.asarray(b, dtype=np.int64).reshape(-1)
+        if a.shape != b.shape:
+            raise ValueError(f"union of {a.size} atoms with {b.size}")
+        self._left.append(a)
+        self._right.append(b)
 
     def tie(self, atoms: np.ndarray) -> None:
         """Make all given atoms one class: they can only be pruned together."""
-        flat = atoms.reshape(-1).tolist()
-        for x in flat[1:]:
-            self.union(flat[0], x)
+        flat = np.asarray(atoms, dtype=np.int64).reshape(-1)
+        if flat.size > 1:
+            self.union_arrays(np.full(flat.size - 1, flat[0]), flat[1:])
+
+    def tie_rows(self, rows: np.ndarray) -> None:
+        """Tie the atoms of each row (one class per row) in one call."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(len(rows), -1)
+        if rows.shape[1] > 1:
+            self.union_arrays(np.repeat(rows[:, :1], rows.shape[1] - 1, axis=1), rows[:, 1:])
 
     def roots(self) -> np.ndarray:
-        return np.fromiter((self.find(a) for a in range(len(self.parent))), dtype=np.int64)
+        """The smallest atom of each atom's class: minimum-label propagation along the
+        recorded unions, with pointer jumping, until nothing changes."""
+        label = np.arange(self.count, dtype=np.int64)
+        if not self._left:
+            return label
+        a, b = np.concatenate(self._left), np.concatenate(self._right)
+        while True:
+            low = np.minimum(label[a], label[b])
+            before = label.copy()
+            np.minimum.at(label, a, low)
+            np.minimum.at(label, b, low)
+            while True:  # pointer jumping: follow labels to their own labels
+                jumped = label[label]
+                if np.array_equal(jumped, label):
+                    break
+                label = jumped
+            if np.array_equal(label, before):
+                return label
+
+    def find(self, a: int) -> int:
+        return int(self.roots()[a])

@@ -14,6 +14,7 @@ import networkx as nx
 import numpy as np
 from torch import fx
 
+from graphprune.analysis.atoms import unique_pairs
 from graphprune.analysis.builder import Builder, ChannelGraph, ChannelGroup, Member
 from graphprune.analysis.rules import apply_rule
 from graphprune.errors import TraceError
@@ -42,18 +43,20 @@ def _group(b: Builder) -> ChannelGraph:
     roots = b.uf.roots()
     source_of = np.asarray(b.source_of, dtype=np.int64)
     classes, class_of_atom = np.unique(roots, return_inverse=True)
-    pairs = np.unique(np.stack([class_of_atom, source_of]), axis=1)  # sorted by class
+    pairs = unique_pairs(class_of_atom, source_of)  # sorted by class
     same_class = pairs[0, 1:] == pairs[0, :-1]
     deps = nx.Graph()
     deps.add_nodes_from(range(len(b.sources)))
-    deps.add_edges_from(
-        zip(pairs[1, :-1][same_class].tolist(), pairs[1, 1:][same_class].tolist(), strict=True)
-    )
+    # Many classes join the same two sources (every channel of a conv and its depthwise conv).
+    edges = unique_pairs(pairs[1, :-1][same_class], pairs[1, 1:][same_class])
+    deps.add_edges_from(zip(edges[0].tolist(), edges[1].tolist(), strict=True))
     # Sources are numbered in graph order, so ordering by the first source is deterministic.
-    comps = sorted(min(c) for c in nx.connected_components(deps))
+    components = list(nx.connected_components(deps))
+    comps = sorted(min(c) for c in components)
+    rank = {first: i for i, first in enumerate(comps)}
     source_group = np.empty(len(b.sources), dtype=np.int64)
-    for comp in nx.connected_components(deps):
-        source_group[list(comp)] = comps.index(min(comp))
+    for comp in components:
+        source_group[list(comp)] = rank[min(comp)]
     class_group = np.empty(len(classes), dtype=np.int64)
     class_group[pairs[0]] = source_group[pairs[1]]
     order = np.lexsort((np.arange(len(classes)), class_group))  # by group, then class age

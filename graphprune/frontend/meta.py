@@ -12,6 +12,7 @@ from torch import fx
 
 SHAPE = "graphprune.shape"
 DTYPE = "graphprune.dtype"
+FLOPS = "graphprune.flops"  # {op name: FLOPs} the node's ops performed on the example inputs
 
 Shape = tuple[int, ...]
 
@@ -21,6 +22,14 @@ def set_output_meta(node: fx.Node, value: Any) -> None:
     node.meta[SHAPE] = _shape_of(value)
     if isinstance(value, torch.Tensor):
         node.meta[DTYPE] = value.dtype
+
+
+def set_flops(node: fx.Node, flops: dict[str, int]) -> None:
+    node.meta[FLOPS] = {op: v for op, v in flops.items() if v}
+
+
+def flops(node: fx.Node) -> dict[str, int]:
+    return node.meta.get(FLOPS, {})
 
 
 def shape(node: fx.Node) -> Shape | None:

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import torch
 from torch import fx, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from graphprune.errors import TraceError
 from graphprune.frontend import meta
 from graphprune.frontend.modes import eval_mode
 
 EXAMPLE_INPUTS = "graphprune.example_inputs"
+FLOPS_FOR = "graphprune.flops_for"  # what the recorded per-node FLOPs were counted for
 
 _TORCH_DIR = str(Path(torch.__file__).parent)
 
@@ -135,20 +137,48 @@ def as_inputs(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[to
     return inputs
 
 
+# Module types (exact: a subclass may override forward) whose output has exactly their
+# input's shape and dtype. On meta tensors they run through Python decompositions (BatchNorm
+# alone was most of a ResNet's shape pass), so the shape pass hands the input through instead;
+# they have no multiply-accumulates to count.
+_SHAPE_PRESERVING = frozenset({
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.Hardtanh,
+    nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Mish,
+    nn.ELU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+})  # fmt: skip
+
+
 class _ShapeRecorder(fx.Interpreter):
+    """Runs the graph, recording each node's output shape and the FLOPs its ops performed."""
+
+    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode | None = None) -> None:
+        super().__init__(gm)
+        self.counter = counter
+
     def run_node(self, n: fx.Node):
+        before = dict(self.counter.flop_counts["Global"]) if self.counter else {}
         value = super().run_node(n)
         meta.set_output_meta(n, value)
+        if self.counter is not None:
+            after = self.counter.flop_counts["Global"]
+            meta.set_flops(n, {str(op): v - before.get(op, 0) for op, v in after.items()})
         return value
+
+    def call_module(self, target, args, kwargs):
+        x = args[0] if len(args) == 1 and not kwargs else None
+        if isinstance(x, torch.Tensor) and x.is_meta:
+            if type(self.fetch_attr(target)) in _SHAPE_PRESERVING:
+                return x
+        return super().call_module(target, args, kwargs)
 
 
 class _RecordingRunner(nn.Module):
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode | None = None) -> None:
         super().__init__()
-        self.gm = gm
+        self.gm, self.counter = gm, counter
 
     def forward(self, *inputs):
-        return _ShapeRecorder(self.gm).run(*inputs)
+        return _ShapeRecorder(self.gm, self.counter).run(*inputs)
 
 
 @torch.no_grad()
@@ -171,21 +201,50 @@ def on_meta(module: nn.Module, inputs: Sequence[torch.Tensor]):
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor] | None = None):
     """(Re)compute node shapes by running the example inputs, on meta tensors, in eval mode.
 
-    Eval mode, so BatchNorm running statistics are not updated by this bookkeeping run.
+    The same run records, per node, the FLOPs torch's ``FlopCounterMode`` counts for its ops,
+    and a fingerprint of the graph, parameter shapes and inputs they hold for
+    (``recorded_flops``), so MACs need no second pass. Eval mode, so BatchNorm running
+    statistics are not updated by this bookkeeping run.
     """
     if example_inputs is None:
         example_inputs = gm.meta.get(EXAMPLE_INPUTS)
         if example_inputs is None:
             raise TraceError("GraphModule has no recorded example inputs; pass example_inputs=")
+    gm.meta.pop(FLOPS_FOR, None)
     with eval_mode(gm):
         try:
             try:
-                on_meta(_RecordingRunner(gm), example_inputs)
+                with FlopCounterMode(display=False) as counter:
+                    on_meta(_RecordingRunner(gm, counter), example_inputs)
             except (NotImplementedError, RuntimeError):  # an op without a meta kernel: run it
-                _ShapeRecorder(gm).run(*example_inputs)
+                with FlopCounterMode(display=False) as counter:
+                    _ShapeRecorder(gm, counter).run(*example_inputs)
         except Exception as exc:
             msg = f"running the traced graph on the example inputs failed: {exc}"
             raise TraceError(msg) from exc
+    gm.meta[FLOPS_FOR] = _fingerprint(gm, example_inputs)
+
+
+def recorded_flops(
+    gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]
+) -> dict[fx.Node, dict[str, int]] | None:
+    """Per node, FLOPs by op as the last ``propagate_shapes`` counted them; None when the graph,
+    a parameter shape or the inputs' shapes changed since (then count again)."""
+    seen = gm.meta.get(FLOPS_FOR)
+    if seen is None or seen != _fingerprint(gm, example_inputs):
+        return None
+    return {n: meta.flops(n) for n in gm.graph.nodes}
+
+
+def _fingerprint(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> tuple:
+    """What per-node FLOPs depend on: the graph, each called module's hyperparameters
+    (its repr: channels, kernel, stride, groups, ...), parameter shapes and input shapes."""
+    return (
+        str(gm.graph),
+        tuple(repr(gm.get_submodule(n.target)) for n in gm.graph.nodes if n.op == "call_module"),
+        tuple((k, tuple(v.shape)) for k, v in gm.state_dict(keep_vars=True).items()),
+        tuple((tuple(t.shape), t.dtype) for t in inputs),
+    )
 
 
 def example_inputs_of(gm: fx.GraphModule) -> tuple[torch.Tensor, ...]:

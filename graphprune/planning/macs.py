@@ -6,11 +6,11 @@ example inputs (so per image when the batch is 1). FlopCounterMode reports FLOPs
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from graphprune.frontend.modes import eval_mode
@@ -40,9 +40,15 @@ def count_params(model: nn.Module) -> int:
 
 @torch.no_grad()
 def count_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> MacsReport:
-    """Run one forward pass under FlopCounterMode and return MACs of conv and linear layers."""
-    from graphprune.frontend.trace import on_meta
+    """MACs of conv and linear layers for one forward pass on ``example_inputs``, counted by
+    FlopCounterMode on meta tensors. A GraphModule from ``graphprune.trace`` already had them
+    counted by its last shape propagation; those counts are used while they still hold."""
+    from graphprune.frontend.trace import on_meta, recorded_flops
 
+    if isinstance(model, fx.GraphModule):
+        recorded = recorded_flops(model, tuple(example_inputs))
+        if recorded is not None:
+            return _from_nodes(model, recorded)
     with eval_mode(model), FlopCounterMode(display=False) as counter:
         try:
             on_meta(model, example_inputs)  # counts need shapes only
@@ -54,7 +60,7 @@ def count_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> Macs
     per_layer: dict[str, int] = {}
     total = 0
     for scope, ops in counts.items():
-        macs = sum(v for op, v in ops.items() if str(op) in _MAC_OPS) // 2
+        macs = _macs(ops)
         if scope == "Global":
             total = macs
         elif scope.startswith(root + "."):
@@ -69,3 +75,21 @@ def count_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> Macs
     if total > sum(leaves.values()):
         leaves[UNATTRIBUTED] = total - sum(leaves.values())
     return MacsReport(macs=total, params=count_params(model), per_layer=leaves)
+
+
+def _macs(ops: Mapping[object, int]) -> int:
+    return sum(v for op, v in ops.items() if str(op) in _MAC_OPS) // 2
+
+
+def _from_nodes(gm: fx.GraphModule, flops: Mapping[fx.Node, Mapping[str, int]]) -> MacsReport:
+    """Per-layer MACs from per-node counts: a module called at several nodes sums them."""
+    per_layer: dict[str, int] = {}
+    total = 0
+    for node, ops in flops.items():
+        macs = _macs(ops)
+        total += macs
+        if macs and node.op == "call_module":
+            per_layer[str(node.target)] = per_layer.get(str(node.target), 0) + macs
+    if total > sum(per_layer.values()):  # call_function convs/matmuls: no module owns them
+        per_layer[UNATTRIBUTED] = total - sum(per_layer.values())
+    return MacsReport(macs=total, params=count_params(gm), per_layer=per_layer)

@@ -13,6 +13,7 @@ import torch
 from torch import fx
 
 from graphprune.analysis import ChannelGraph
+from graphprune.analysis.atoms import unique_pairs
 from graphprune.errors import PlanError
 from graphprune.frontend.params import get_tensor
 
@@ -148,39 +149,28 @@ def rounded_width(
 def is_tied(graph: ChannelGraph, gid: int) -> bool:
     """True when one channel of the group spans several channels of one producer."""
     atoms = np.nonzero(graph.atom_group == gid)[0]
-    pairs = np.unique(np.stack([graph.atom_source[atoms], graph.atom_pos[atoms]]), axis=1)
+    pairs = unique_pairs(graph.atom_source[atoms], graph.atom_pos[atoms])
     return pairs.shape[1] < len(atoms)
 
 
 def keep_every_member_alive(
-    graph: ChannelGraph, plan: dict[int, np.ndarray], scores: Mapping[int, np.ndarray]
+    graph: ChannelGraph,
+    plan: dict[int, np.ndarray],
+    scores: Mapping[int, np.ndarray] | None = None,
 ) -> dict[int, np.ndarray]:
-    """Give back the best channel to any member (e.g. one half of a split) left empty.
-
-    The group's width is kept where possible, by dropping instead its lowest-scoring kept
-    channel whose loss empties no member: a width the planner rounded stays rounded, so the
-    pruner does not round it up again to MACs the plan never counted.
-    """
+    """Give back one channel to any member (e.g. one half of a split) the plan leaves empty:
+    the best-scoring one it sees, or without scores the lowest-numbered. Updates ``plan``."""
     removed = graph.removed_mask(plan)
     for s in graph.sites:
         if s.atoms.size and removed[s.atoms].all():
             gids, pos = graph.positions(s.atoms.reshape(-1))
             gid = int(gids[0])
             candidates = np.unique(pos[gids == gid])
-            score = np.asarray(scores[gid])
-            best = candidates[np.argmax(score[candidates])]
-            grown = np.union1d(plan[gid], [best])
-            plan[gid] = grown
-            for drop in grown[np.argsort(score[grown], kind="stable")]:
-                if drop == best:
-                    continue
-                trial = {**plan, gid: grown[grown != drop]}
-                if not _empties_a_member(graph, graph.removed_mask(trial)):
-                    plan[gid] = trial[gid]
-                    break
+            best = (
+                candidates[np.argmax(np.asarray(scores[gid])[candidates])]
+                if scores is not None
+                else candidates[0]
+            )
+            plan[gid] = np.union1d(plan[gid], [best])
             removed = graph.removed_mask(plan)
     return plan
-
-
-def _empties_a_member(graph: ChannelGraph, removed: np.ndarray) -> bool:
-    return any(s.atoms.size and removed[s.atoms].all() for s in graph.sites)

@@ -34,7 +34,8 @@ def l2_scores(gm: fx.GraphModule, graph: ChannelGraph) -> dict[int, np.ndarray]:
         if s.role == "stat" or s.atoms.ndim != 1:
             continue
         w = get_tensor(gm, s.path).detach()
-        norms = torch.linalg.vector_norm(w.transpose(0, s.axis).reshape(w.shape[s.axis], -1), dim=1)
+        others = tuple(d for d in range(w.dim()) if d != s.axis)
+        norms = torch.linalg.vector_norm(w, dim=others) if others else w.abs()
         gids, pos = graph.positions(s.atoms)
         for gid in np.unique(gids).tolist():
             if gid in scores:
@@ -132,6 +133,8 @@ class MacsModel:
     def set_kept(self, gid: int, kept: int | np.ndarray) -> None:
         """Keep the top ``kept`` channels of the group by score, or exactly the given ones."""
         if isinstance(kept, (int, np.integer)):
+            if self.kept[gid] == int(kept) and gid not in self._kept_sets:
+                return  # most steps of a rounded walk leave the width as it was
             self.kept[gid] = int(kept)
             self._kept_sets.pop(gid, None)
         else:

@@ -13,6 +13,7 @@ from torch import fx, nn
 
 from graphprune.analysis import ChannelGraph
 from graphprune.frontend.params import get_tensor
+from graphprune.planning.plan import keep_every_member_alive
 
 
 def random_plan(
@@ -25,19 +26,8 @@ def random_plan(
             continue
         keep = max(1, int(round(g.channels * (1 - rng.uniform(0, fraction)))))
         plan[g.id] = sorted(rng.choice(g.channels, size=keep, replace=False).tolist())
-    return _repair(graph, plan)
-
-
-def _repair(graph: ChannelGraph, plan: dict[int, list[int]]) -> dict[int, list[int]]:
-    """Give back one channel to every member the random plan would leave empty."""
-    removed = graph.removed_mask({k: np.asarray(v) for k, v in plan.items()})
-    for s in graph.sites:
-        if s.atoms.size and removed[s.atoms].all():
-            atom = int(s.atoms.reshape(-1)[0])
-            gid, pos = int(graph.atom_group[atom]), int(graph.atom_pos[atom])
-            plan[gid] = sorted(set(plan[gid]) | {pos})
-            removed = graph.removed_mask({k: np.asarray(v) for k, v in plan.items()})
-    return plan
+    repaired = keep_every_member_alive(graph, {k: np.asarray(v) for k, v in plan.items()})
+    return {k: [int(c) for c in v] for k, v in repaired.items()}
 
 
 @torch.no_grad()

@@ -55,8 +55,7 @@ def _conv(b: Builder, node: fx.Node, m: nn.Module) -> TensorChannels:
         if x_atoms is None:
             b.block(out, f"{t}: grouped conv whose input channels are unknown")
         else:
-            for k in range(g):
-                b.uf.tie(np.concatenate([x_atoms.reshape(g, -1)[k], out.reshape(g, -1)[k]]))
+            b.uf.tie_rows(np.concatenate([x_atoms.reshape(g, -1), out.reshape(g, -1)], axis=1))
             b.site(f"{t}.weight", 0, x_atoms if transposed else out, "in" if transposed else "out")
         b.mac_layers.append(_mac(t, None, out))
     if m.bias is not None:
@@ -147,8 +146,7 @@ def _groupnorm(b: Builder, node: fx.Node, m: nn.GroupNorm) -> TensorChannels:
         return x
     atoms = x.along(1)
     # Statistics are per group: only whole groups can go without changing the others.
-    for group in atoms.reshape(m.num_groups, -1):
-        b.uf.tie(group)
+    b.uf.tie_rows(atoms.reshape(m.num_groups, -1))
     t = str(node.target)
     if m.affine:
         b.site(f"{t}.weight", 0, atoms, "out")

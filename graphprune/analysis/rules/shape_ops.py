@@ -252,8 +252,7 @@ def _reshape(b: Builder, node: fx.Node, m: object) -> object:
     if len(out.dims) > 1:
         # Channels split over several dims (e.g. a channel shuffle's (groups, C/groups)):
         # only the last dim may shrink, so positions along it are pruned together.
-        for column in np.moveaxis(out.atoms, -1, 0).reshape(out.atoms.shape[-1], -1):
-            b.uf.tie(column)
+        b.uf.tie_rows(np.moveaxis(out.atoms, -1, 0).reshape(out.atoms.shape[-1], -1))
     return out
 
 
