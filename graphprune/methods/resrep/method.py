@@ -38,6 +38,7 @@ from torch import fx
 from graphprune.errors import PlanError, TrainingError
 from graphprune.methods.base import Method, MethodConfig, option, register_method
 from graphprune.methods.resrep.schedule import (
+    GROWN_NORM,
     ResRepSchedule,
     iterations_that_suffice,
     masked_row_decays,
@@ -120,7 +121,7 @@ class ResRep(Method):
     name = "resrep"
     config_class = ResRepConfig
     trains = True
-    min_iters = 300  # about what the adaptive schedule needs at lr 0.05 (prepare checks it)
+    min_iters = 320  # about what the adaptive schedule needs at lr 0.05 (prepare checks it)
     config: ResRepConfig
 
     # --- prepare --------------------------------------------------------------------------
@@ -153,6 +154,7 @@ class ResRep(Method):
         self.prior_sum = {g: np.zeros(n) for g, n in channels.items()}
         self.last_scores: np.ndarray | None = None
         self.rank_stability: list[float] = []
+        self.push_scale = 1.0  # masked-row push x this, set when the masks freeze
         self._final_stats: ResRepStats | None = None
 
     def _schedule(self, to_mask: int) -> ResRepSchedule:
@@ -204,9 +206,10 @@ class ResRep(Method):
         for c in self.compactors:
             q = c.matrix
             grad = c.weight.grad.view_as(q) if c.weight.grad is not None else torch.zeros_like(q)
-            norms = torch.linalg.vector_norm(q, dim=1, keepdim=True).clamp_min(s.eps)
             m = c.mask.view(-1, 1)
-            lam = m * s.penalty + (1 - m) * s.masked_penalty
+            eps = m * s.eps + (1 - m) * s.eps * self.push_scale
+            norms = torch.maximum(torch.linalg.vector_norm(q, dim=1, keepdim=True), eps)
+            lam = m * s.penalty + (1 - m) * s.masked_penalty * self.push_scale
             new = m * grad + lam * q / norms
             c.weight.grad = new.view_as(c.weight)
 
@@ -245,6 +248,7 @@ class ResRep(Method):
             "last_scores": None if self.last_scores is None else torch.from_numpy(self.last_scores),
             "rank_stability": list(self.rank_stability),
             "final_rounding": (self.final_rounding.round_to, self.final_rounding.fine),
+            "push_scale": self.push_scale,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -257,6 +261,7 @@ class ResRep(Method):
             self.last_scores = None if last is None else last.numpy().copy()
             self.rank_stability = [float(x) for x in state["rank_stability"]]
             self.final_rounding = Rounding(*state["final_rounding"])
+            self.push_scale = float(state.get("push_scale", 1.0))
 
     # --- masks ---------------------------------------------------------------------------
     def group_scores(self) -> dict[int, np.ndarray]:
@@ -304,6 +309,17 @@ class ResRep(Method):
         new = self._select(scores, None if last else masked_now + s.channels_per_update)
         for c in self.compactors:
             c.mask.copy_(torch.from_numpy(new[c.group][c.channel_index.cpu().numpy()]))
+        if last:  # masks freeze: push harder if a masked row grew beyond what the schedule
+            # was sized for (GROWN_NORM), so it still travels twice its norm in time
+            grown = max(
+                (
+                    float(torch.linalg.vector_norm(c.matrix.detach(), dim=1)[c.mask == 0].max())
+                    for c in self.compactors
+                    if (c.mask == 0).any()
+                ),
+                default=0.0,
+            )
+            self.push_scale = max(1.0, grown / GROWN_NORM)
 
     def _select(self, scores: dict[int, np.ndarray], cap: int | None) -> dict[int, np.ndarray]:
         sel = select_kept(

@@ -11,6 +11,9 @@ PAPER_MOMENTUM = 0.99
 # Before the masks freeze, the penalty should have moved a row the task does not hold by this
 # fraction of its initial norm (1), so row norms carry a signal of their own.
 SHAPING = 0.1
+# Active rows grow while they learn (up to about twice their initial norm on short runs); a
+# masked row is pushed to travel twice that, and the budget check simulates a row of this norm.
+GROWN_NORM = 2.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -64,9 +67,10 @@ class ResRepSchedule:
         ~0.1 here, which cost 20 points of accuracy on digits before any masking.)
 
         λ_m (masked rows): a row pushed by λ_m·Q/||Q|| moves 100·lr_t·λ_m per step, so it
-        travels twice its initial norm over D when λ_m = 2 / Σ_{t>=30%} 100·lr_t (never below
-        λ). Below ||Q|| = eps = lr_c·λ_m/2 the push acts as a weight decay too weak to
-        overshoot and the row shrinks geometrically under the 1e-5 folding threshold.
+        travels 4 (twice GROWN_NORM, the norm a learning row may reach) over D when
+        λ_m = 4 / Σ_{t>=30%} 100·lr_t (never below λ). Below ||Q|| = eps = lr_c·λ_m/2 the
+        push acts as a weight decay too weak to overshoot and the row shrinks geometrically
+        under the 1e-5 folding threshold.
         ``masked_row_decays`` simulates exactly that row; ResRep refuses a budget where it
         would not reach the threshold and names one that would.
         """
@@ -82,7 +86,7 @@ class ResRepSchedule:
         shaping_sum = sum(cosine_lr(lr, t, total) for t in range(mask_end)) * moved_per_lambda
         decay_sum = sum(cosine_lr(lr, t, total) for t in range(mask_end, total)) * moved_per_lambda
         penalty = max(1e-4, SHAPING / max(shaping_sum, 1e-12))
-        masked_penalty = max(penalty, 2.0 / max(decay_sum, 1e-12))
+        masked_penalty = max(penalty, 2.0 * GROWN_NORM / max(decay_sum, 1e-12))
         return ResRepSchedule(
             warmup_iters=warmup,
             mask_interval=interval,
@@ -97,7 +101,12 @@ class ResRepSchedule:
 
 
 def masked_row_decays(
-    schedule: ResRepSchedule, total_iters: int, lr: float, threshold: float, *, start_norm=1.0
+    schedule: ResRepSchedule,
+    total_iters: int,
+    lr: float,
+    threshold: float,
+    *,
+    start_norm: float = GROWN_NORM,
 ) -> bool:
     """Whether a row masked at the last mask update (norm ``start_norm``, no momentum yet)
     falls below ``threshold`` by the end of training, under SGD with the schedule's momentum
