@@ -26,6 +26,7 @@ from graphprune.report import CompressionReport, build_report
 from graphprune.training import distributed
 from graphprune.training.distill import DistillConfig, DistillLoss, frozen_teacher
 from graphprune.training.loop import evaluate, fit, iterations_per_epoch
+from graphprune.validation import check_compress_options
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,7 @@ def compress(
     and the TrainingOptions. The stages: trace, analyze, build the method (its prepare passes
     run), train through its hooks if it trains, run its finalize passes, report.
     """
+    options = check_compress_options(options)  # before any tracing or training
     cls = get_method(method)
     config, training = _split_options(cls, method, options)
     if cls.trains and distributed.active():  # the schedule must count this rank's iterations

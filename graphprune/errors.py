@@ -10,6 +10,10 @@ class GraphpruneError(Exception):
     """Base class: catch this to handle any graphprune failure."""
 
 
+class InputError(GraphpruneError, ValueError):
+    """An argument cannot work as given (empty batch, wrong device or dtype, bad option)."""
+
+
 class TraceError(GraphpruneError):
     """torch.fx could not trace the model (data-dependent control flow, unsupported Python).
 

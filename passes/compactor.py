@@ -13,6 +13,7 @@ from torch import nn
 
 class Compactor(nn.Conv2d):
     graphprune_leaf = True  # trace() keeps it as one call_module node
+    graphprune_equivalent = nn.Conv2d  # a plain 1x1 conv: the Conv2d rule applies
 
     def __init__(self, channels: int, group: int = -1, channel_index: torch.Tensor | None = None):
         super().__init__(channels, channels, kernel_size=1, bias=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from graphprune.analysis.rules import treated_as
 from graphprune.passes.runner import PassResult, graph_pass
 
 
@@ -42,9 +43,11 @@ def fuse_bn(gm: fx.GraphModule) -> PassResult:
 
 
 def _fusable(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> bool:
+    # Exact classes (or declared equivalents): a subclass may standardize or quantize its
+    # weight in forward, and a scaled weight would then compute something else.
     return (
-        isinstance(conv, nn.modules.conv._ConvNd)
-        and not conv.transposed
+        treated_as(conv) in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+        and treated_as(bn) is nn.modules.batchnorm._BatchNorm
         and bn.running_mean is not None
         and conv.out_channels == bn.num_features
     )
@@ -60,5 +63,7 @@ def _fold_into(conv: nn.modules.conv._ConvNd, bn: nn.modules.batchnorm._BatchNor
         shift = shift + bn.bias
     bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
     new_bias = bias * scale + shift
-    conv.weight.mul_(scale.view(-1, *([1] * (conv.weight.dim() - 1))))
+    # A new Parameter, not an in-place update: a weight tied to another conv must not change.
+    weight = conv.weight * scale.view(-1, *([1] * (conv.weight.dim() - 1)))
+    conv.weight = nn.Parameter(weight.detach(), conv.weight.requires_grad)
     conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))

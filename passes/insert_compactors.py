@@ -7,6 +7,7 @@ import torch
 from torch import fx, nn
 
 from graphprune.analysis import ChannelGraph, build_channel_graph
+from graphprune.frontend.params import canonical_paths
 from graphprune.passes.compactor import Compactor
 from graphprune.passes.runner import PassResult, graph_pass, shapes_recorded
 
@@ -27,6 +28,7 @@ def compactable_groups(gm: fx.GraphModule, graph: ChannelGraph, internal_only: b
         for s in graph.sites
         if s.role == "out" and s.axis == 0 and s.path.endswith(".weight")
     }
+    aliases = canonical_paths(gm)  # a tied producer's weight is recorded under its first path
     result = []
     for g in graph.groups:
         if not (g.prunable and g.exact and g.producers) or (internal_only and len(g.producers) > 1):
@@ -42,9 +44,19 @@ def compactable_groups(gm: fx.GraphModule, graph: ChannelGraph, internal_only: b
         )
         if ok and not _foreign_out_members(gm, graph, g.id, set(g.producers), calls):
             result.append(
-                (g.id, [(calls[p][0], graph.atom_pos[out_atoms[p]]) for p in g.producers])
+                (
+                    g.id,
+                    [
+                        (calls[p][0], graph.atom_pos[out_atoms[_owner(aliases, p)]])
+                        for p in g.producers
+                    ],
+                )
             )
     return result
+
+
+def _owner(aliases: dict[str, str], producer: str) -> str:
+    return aliases.get(f"{producer}.weight", f"{producer}.weight")[: -len(".weight")]
 
 
 def _foreign_out_members(gm, graph: ChannelGraph, gid: int, producers: set[str], calls) -> bool:

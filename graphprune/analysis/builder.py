@@ -12,6 +12,7 @@ from torch import fx
 
 from graphprune.analysis.atoms import TensorChannels, UnionFind
 from graphprune.errors import UnsupportedOpError
+from graphprune.frontend.params import canonical_paths
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +108,10 @@ class Builder:
     site_index: dict[tuple[str, int], int] = field(default_factory=dict)
     mac_layers: list[MacLayer] = field(default_factory=list)
     values: dict[fx.Node, object] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)  # tied tensor path -> first path
+
+    def __post_init__(self) -> None:
+        self.aliases = canonical_paths(self.gm)
 
     # --- used by rules -------------------------------------------------------------------
     def value(self, arg: object) -> object:
@@ -133,6 +138,8 @@ class Builder:
 
     def site(self, path: str, axis: int, atoms: np.ndarray, role: str) -> None:
         atoms = np.asarray(atoms, dtype=np.int64)
+        # Tied weights are one tensor: one site, and the channels of every user correspond.
+        path = self.aliases.get(path, path)
         seen = self.site_index.get((path, axis))
         if seen is not None:
             # A module called twice shares its weights: both calls' channels correspond.

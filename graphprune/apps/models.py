@@ -307,6 +307,15 @@ def get_model(
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"cannot load model factory {name!r}: {exc}") from exc
+    if not callable(factory):
+        raise ValueError(f"{name!r} is a {type(factory).__name__}, not a callable factory")
+    required = _required_params(factory)
+    if required:
+        raise ValueError(
+            f"factory {name!r} needs arguments ({', '.join(required)}) but is called with "
+            "none; give it defaults, or point at a function without parameters that returns "
+            "(model, example_inputs)"
+        )
     result = factory()
     if isinstance(result, nn.Module):
         raise ValueError(
@@ -323,3 +332,15 @@ def get_model(
         return result[0], as_inputs(result[1])  # a lone example tensor is unambiguous
     except TypeError:
         raise shape_error from None
+
+
+def _required_params(factory: object) -> list[str]:
+    try:
+        params = inspect.signature(factory).parameters.values()  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # builtins: no signature to read, just call it
+        return []
+    return [
+        p.name
+        for p in params
+        if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]

@@ -1,11 +1,20 @@
-"""Temporarily switching a model to eval mode without losing per-module train/eval flags."""
+"""Train and eval mode: switching a model to eval without losing per-module flags, and
+making a traced graph follow the mode like the original does."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import NoReturn
 
-from torch import nn
+import torch
+from torch import fx, nn
+
+from graphprune.errors import TraceError
+
+_TORCH_DIR = str(Path(torch.__file__).parent)
 
 
 @contextmanager
@@ -22,3 +31,133 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, training in flags:
             m.training = training
+
+
+def bind_training_flags(
+    model: nn.Module, graph: fx.Graph, retrace: Callable[[bool], fx.Graph]
+) -> None:
+    """Make ``graph`` (traced from ``model`` as its flags are) behave like ``model`` in both
+    train and eval mode, or refuse.
+
+    A graph freezes ``self.training`` as it was when traced. ``model`` is traced again with
+    every module in its other mode (``retrace(record_stack_traces)`` traces it as its flags are
+    now). Same graphs: nothing depends on the mode. Graphs that differ only in boolean
+    arguments that flip with the mode (``F.dropout(x, p, self.training)``, torchvision's
+    ``stochastic_depth(..., self.training)``): those arguments are bound to the owning
+    module's ``training`` flag at run time (a ``get_attr`` node), so ``.train()``/``.eval()``
+    act on the traced model as on the original. Anything else (``if self.training:``) raises
+    TraceError naming the line; a leaf module runs its own forward, so it is the fix.
+    """
+
+    def flipped(stack_traces: bool) -> list[fx.Node]:
+        flags = [(m, m.training) for m in model.modules()]
+        for m, training in flags:  # each module flipped, so every flag read shows as a change
+            m.training = not training
+        try:
+            return list(retrace(stack_traces).nodes)
+        finally:
+            for m, training in flags:
+                m.training = training
+
+    ours, theirs = list(graph.nodes), flipped(False)
+    if [_key(n) for n in ours] == [_key(n) for n in theirs]:
+        return
+    literals = _mode_literals(ours, theirs)
+    if literals is None:
+        _refuse(model, list(retrace(True).nodes), flipped(True))
+    flag_nodes: dict[str, fx.Node] = {}
+    for node, where in literals:
+        path = _owner_path(node)
+        target = f"{path}.training" if path else "training"
+        if target not in flag_nodes:
+            with graph.inserting_before(node):
+                flag_nodes[target] = graph.get_attr(target)
+        if isinstance(where, int):
+            args = list(node.args)
+            args[where] = flag_nodes[target]
+            node.args = tuple(args)
+        else:
+            node.kwargs = {**node.kwargs, where: flag_nodes[target]}
+
+
+def _key(n: fx.Node) -> tuple:
+    return (n.op, str(n.target), str(n.args), str(n.kwargs))
+
+
+def _mode_literals(ours: list[fx.Node], theirs: list[fx.Node]) -> list[tuple] | None:
+    """(node, arg index or kwarg name) of every boolean argument that is the only difference
+    between the two graphs and flips with the mode; None if anything else differs."""
+    if len(ours) != len(theirs):
+        return None
+    found = []
+    for a, b in zip(ours, theirs, strict=True):
+        if (a.op, str(a.target), a.name) != (b.op, str(b.target), b.name):
+            return None
+        if len(a.args) != len(b.args) or a.kwargs.keys() != b.kwargs.keys():
+            return None
+        pairs = [(i, x, y) for i, (x, y) in enumerate(zip(a.args, b.args, strict=True))]
+        pairs += [(k, a.kwargs[k], b.kwargs[k]) for k in a.kwargs]
+        for where, x, y in pairs:
+            if str(x) == str(y):
+                continue
+            if not (isinstance(x, bool) and isinstance(y, bool) and x != y):
+                return None
+            found.append((a, where))
+    return found
+
+
+def _owner_path(n: fx.Node) -> str:
+    stack = n.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def _owner_class(n: fx.Node) -> str:
+    stack = n.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    cls = list(stack.values())[-1][1]
+    return cls.__name__ if isinstance(cls, type) else str(cls).rpartition(".")[2].strip("'>")
+
+
+def _refuse(model: nn.Module, ours: list[fx.Node], theirs: list[fx.Node]) -> NoReturn:
+    """Name the first op that differs (not a module call: those differ only as users)."""
+    i = next(
+        i
+        for i in range(max(len(ours), len(theirs)))
+        if i >= min(len(ours), len(theirs)) or _key(ours[i]) != _key(theirs[i])
+    )
+    a = ours[i] if i < len(ours) else None
+    b = theirs[i] if i < len(theirs) else None
+    culprit = next(
+        (n for n in (a, b) if n is not None and n.op in ("call_function", "call_method")),
+        a or b,
+    )
+    where = _user_line(culprit.stack_trace) if culprit is not None else ""
+    owner = _owner_class(culprit) if culprit is not None else ""
+    modes = ("train", "eval") if model.training else ("eval", "train")
+    hint = (
+        f"pass leaf_modules=[{owner}] (a leaf runs its own forward in the current mode; "
+        "its channels become unprunable)"
+        if owner and owner != type(model).__name__
+        else "move the mode-dependent code into a submodule and pass it as leaf_modules=[...]"
+    )
+    raise TraceError(
+        f"{type(model).__name__} computes differently in train and eval mode{where}: traced "
+        f"in {modes[0]} mode it runs {_fmt(a)}, in {modes[1]} mode {_fmt(b)}. A traced graph "
+        f"freezes one mode, so the result would not behave like the original in both.\n"
+        f"  fix: {hint}"
+    )
+
+
+def _fmt(n: fx.Node | None) -> str:
+    return "nothing more" if n is None else (n.format_node() or f"{n.op} {n.target}")
+
+
+def _user_line(stack_trace: str | None) -> str:
+    """The last frame of a node's recorded stack that is not torch's own code."""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in [^\n]*\n\s*([^\n]*)', stack_trace or "")
+    user = [f for f in frames if not f[0].startswith(_TORCH_DIR)]
+    if not user:
+        return ""
+    file, line, code = user[-1]
+    return f" at {file}:{line}: {code.strip()}"

@@ -19,7 +19,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from graphprune.errors import TraceError
 from graphprune.frontend import meta
-from graphprune.frontend.modes import eval_mode
+from graphprune.frontend.functions import functions_as_leaves
+from graphprune.frontend.inputs import (
+    check_example_inputs,
+    check_model_matches_inputs,
+    warn_nonfinite,
+)
+from graphprune.frontend.modes import bind_training_flags, eval_mode
 
 EXAMPLE_INPUTS = "graphprune.example_inputs"
 FLOPS_FOR = "graphprune.flops_for"  # what the recorded per-node FLOPs were counted for
@@ -108,12 +114,19 @@ def trace(
     if not isinstance(model, nn.Module):
         raise TypeError(f"trace() needs an nn.Module, got {type(model).__name__}")
     example_inputs = as_inputs(example_inputs)
+    check_example_inputs(model, example_inputs)
+    check_model_matches_inputs(model, example_inputs)
+    warn_nonfinite(model)
     model = copy.deepcopy(model)
     tracer = _LeafTracer(tuple(leaf_modules), frozenset(leaf_names))
-    try:
-        graph = tracer.trace(model)
-    except Exception as exc:  # fx raises many types; all mean "not traceable"
-        raise TraceError(_explain_trace_failure(model, exc), module_path=tracer.failed_in) from exc
+    graph = _trace_graph(tracer, model)
+
+    def retrace(stack_traces: bool) -> fx.Graph:
+        again = _LeafTracer(tuple(leaf_modules), frozenset(leaf_names))
+        again.record_stack_traces = stack_traces
+        return _trace_graph(again, model)
+
+    bind_training_flags(model, graph, retrace)
     for node in graph.nodes:
         # Type annotations become globals of the generated code that torch.save cannot pickle.
         node.type = None
@@ -137,15 +150,14 @@ def as_inputs(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[to
     return inputs
 
 
-# Module types (exact: a subclass may override forward) whose output has exactly their
-# input's shape and dtype. On meta tensors they run through Python decompositions (BatchNorm
-# alone was most of a ResNet's shape pass), so the shape pass hands the input through instead;
-# they have no multiply-accumulates to count.
-_SHAPE_PRESERVING = frozenset({
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.Hardtanh,
-    nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Mish,
-    nn.ELU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-})  # fmt: skip
+def _trace_graph(tracer: fx.Tracer, model: nn.Module) -> fx.Graph:
+    try:
+        with functions_as_leaves(tracer):
+            return tracer.trace(model)
+    except Exception as exc:  # fx raises many types; all mean "not traceable"
+        raise TraceError(
+            _explain_trace_failure(model, exc), module_path=getattr(tracer, "failed_in", None)
+        ) from exc
 
 
 class _ShapeRecorder(fx.Interpreter):
@@ -190,8 +202,9 @@ def on_meta(module: nn.Module, inputs: Sequence[torch.Tensor]):
     state = {
         name: torch.empty_like(t, device="meta")
         for name, t in [
-            *module.named_parameters(remove_duplicate=False),
-            *module.named_buffers(remove_duplicate=False),
+            # Tied parameters appear once; functional_call re-ties them (tie_weights=True).
+            *module.named_parameters(),
+            *module.named_buffers(),
         ]
     }
     return torch.func.functional_call(module, state, tuple(t.to("meta") for t in inputs))
@@ -220,7 +233,10 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor] 
                 with FlopCounterMode(display=False) as counter:
                     _ShapeRecorder(gm, counter).run(*example_inputs)
         except Exception as exc:
-            msg = f"running the traced graph on the example inputs failed: {exc}"
+            msg = (
+                f"running the traced graph on the example inputs failed: {exc}\n  fix: give "
+                "example inputs with the shape, dtype and device the model's forward expects"
+            )
             raise TraceError(msg) from exc
     gm.meta[FLOPS_FOR] = _fingerprint(gm, example_inputs)
 

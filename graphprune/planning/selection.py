@@ -210,7 +210,14 @@ def walk(
     """
     model = MacsModel(graph, layer_macs, scores)
     target = flops_target * model.dense
-    order = sorted((float(s), gid, pos) for gid, arr in scores.items() for pos, s in enumerate(arr))
+    # A NaN/Inf score (weights that are not finite) ranks nothing: that channel is kept.
+    scores = {g: np.where(np.isfinite(a), a, np.inf) for g, a in scores.items()}
+    order = sorted(
+        (float(s), gid, pos)
+        for gid, arr in scores.items()
+        for pos, s in enumerate(arr)
+        if np.isfinite(s)
+    )
     tied = {gid: is_tied(graph, gid) for gid in scores}
     removed: dict[int, int] = defaultdict(int)
     floor = dict(min_keep or {})
@@ -287,4 +294,9 @@ def unreachable(
 
 def normalized(scores: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
     """Divide each group's scores by their mean so groups of different scale compare."""
-    return {g: s / (s.mean() if s.mean() > 0 else 1.0) for g, s in scores.items()}
+    out = {}
+    for g, s in scores.items():
+        finite = s[np.isfinite(s)]
+        mean = finite.mean() if finite.size else 0.0
+        out[g] = s / (mean if mean > 0 else 1.0)
+    return out

@@ -56,3 +56,22 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
             if getattr(m, "bias", None) is not None:
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
     return model
+
+
+@torch.no_grad()
+def check_random_plan_exact(
+    gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], *, seed: int = 0, atol: float = 1e-5
+) -> dict[int, list[int]]:
+    """Prune a random plan of ``gm``'s exact groups and check the outputs equal those of the
+    same model with the dropped channels zeroed (the exactness argument above). Mutates
+    ``gm``; returns the plan (empty when nothing was prunable)."""
+    from graphprune.analysis import build_channel_graph
+    from graphprune.passes import prune_channels
+
+    graph = build_channel_graph(gm)
+    plan = random_plan(graph, np.random.default_rng(seed))
+    zero_dropped_channels(gm, graph, plan)
+    expected = gm(*inputs)
+    prune_channels(gm, plan=plan, round_to=1)
+    torch.testing.assert_close(gm(*inputs), expected, atol=atol, rtol=atol)
+    return plan

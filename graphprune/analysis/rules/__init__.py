@@ -13,11 +13,18 @@ An entry is an ``OpRule(analyze, shrink)``:
   slice bounds, view constants). ``s`` gives each node's channels and shapes before pruning and
   which atoms are removed. Ops whose only channel-bearing state is their sites need none.
 
-Entries are keyed by real fx targets: module classes (looked up along the MRO), functions
-(``torch.cat``, ``operator.add``) and method names (``"view"``). Add an op with
+Entries are keyed by real fx targets: module classes, functions (``torch.cat``,
+``operator.add``), method names (``"view"``) and custom ``torch.autograd.Function`` classes
+(traced as opaque calls, see frontend/functions.py). Add an op with
 ``@register(target, ..., shrink=fn)`` on its analyze function (user code may do the same).
 An op with no entry is never guessed at: ``Builder.unknown`` marks the channels it touches
 unprunable, with the reason.
+
+A module matches its exact class only. A subclass may override ``forward`` (a
+weight-standardised conv, a QAT conv with fake-quantized weights) or hold per-channel state
+the base entry does not know, so it gets its base's entry only when declared equivalent:
+``register_equivalent(MyConv, nn.Conv2d)`` or a class attribute
+``graphprune_equivalent = nn.Conv2d`` set on the class itself (not inherited).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from torch import fx, nn
 from graphprune.analysis.atoms import ChannelError, TensorChannels
 from graphprune.analysis.builder import Builder
 from graphprune.frontend import meta
+from graphprune.frontend.functions import FunctionCall
 from graphprune.frontend.params import get_tensor
 
 Rule = Callable[[Builder, fx.Node, "nn.Module | None"], object]
@@ -68,6 +76,7 @@ class OpRule:
 
 
 RULES: dict[object, OpRule] = {}
+EQUIVALENT: dict[type, type] = {}
 
 
 def register(*targets: object, shrink: ShrinkFn | None = None) -> Callable[[Rule], Rule]:
@@ -83,13 +92,34 @@ def register(*targets: object, shrink: ShrinkFn | None = None) -> Callable[[Rule
     return deco
 
 
+def register_equivalent(cls: type[nn.Module], base: type[nn.Module]) -> None:
+    """Declare that ``cls`` computes exactly what ``base`` does (same forward, same per-channel
+    parameters and buffers), so ``base``'s entry and every pass treat it like ``base``."""
+    if not (isinstance(cls, type) and isinstance(base, type) and issubclass(cls, base)):
+        raise TypeError(f"register_equivalent({cls!r}, {base!r}): cls must subclass base")
+    EQUIVALENT[cls] = base
+
+
+def treated_as(module: nn.Module) -> type | None:
+    """The class whose entry applies to ``module``: its own, or the one it is declared
+    equivalent to; None when there is none (its channels become unprunable)."""
+    cls = type(module)
+    if cls in RULES:
+        return cls
+    base = vars(cls).get("graphprune_equivalent") or EQUIVALENT.get(cls)
+    while base is not None and base not in RULES:
+        base = vars(base).get("graphprune_equivalent") or EQUIVALENT.get(base)
+    return base
+
+
 def lookup(node: fx.Node, module: nn.Module | None) -> OpRule | None:
-    """The entry for a node: by the module's class (along its MRO) or by the call target."""
+    """The entry for a node: by the module's exact (or declared equivalent) class, by the
+    Function class of an opaque autograd.Function call, or by the call target."""
+    if isinstance(module, FunctionCall):
+        return RULES.get(module.function)
     if module is not None:
-        for cls in type(module).__mro__:
-            if cls in RULES:
-                return RULES[cls]
-        return None
+        cls = treated_as(module)
+        return RULES[cls] if cls is not None else None
     return RULES.get(node.target) if node.op in ("call_function", "call_method") else None
 
 
@@ -107,11 +137,40 @@ def apply_rule(b: Builder, node: fx.Node) -> object:
     if rule is None:
         if meta.output_shapes(node) is None and not _has_tensor_input(b, node):
             return None  # arithmetic on sizes and other non-tensor bookkeeping
-        return b.unknown(node, "no channel rule for this op")
+        return b.unknown(node, _no_rule_reason(module))
+    first_new_atom = len(b.uf.parent)
     try:
-        return rule.analyze(b, node, module)
+        value = rule.analyze(b, node, module)
     except ChannelError as exc:
+        # Channels the rule created before giving up belong to no member: not prunable.
+        b.block(np.arange(first_new_atom, len(b.uf.parent)), f"{node.name}: {exc}")
         return b.unknown(node, str(exc))
+    if value is None and meta.shape(node) is not None and _has_tensor_input(b, node):
+        # A tensor the rule could not describe must not read as "carries no channels".
+        return b.unknown(node, "its rule cannot follow the channels into this tensor")
+    return value
+
+
+def _no_rule_reason(module: nn.Module | None) -> str:
+    if module is None:
+        return "no channel rule for this op"
+    if isinstance(module, FunctionCall):
+        name = module.function.__qualname__
+        return (
+            f"custom autograd.Function {name} is kept as an opaque call (so its backward "
+            f"is used); to prune through it, register a rule: "
+            f"graphprune.analysis.rules.register({name})"
+        )
+    cls = type(module)
+    base = next((c for c in cls.__mro__[1:] if c in RULES), None)
+    if base is None:
+        return f"no channel rule for {cls.__name__}"
+    return (
+        f"{cls.__name__} subclasses {base.__name__} but is not declared equivalent (its "
+        f"forward or per-channel state may differ); if it computes exactly what "
+        f"{base.__name__} does, call graphprune.analysis.rules.register_equivalent("
+        f"{cls.__name__}, {base.__name__}) or set graphprune_equivalent = {base.__name__} on it"
+    )
 
 
 def _has_tensor_input(b: Builder, node: fx.Node) -> bool:
@@ -203,3 +262,20 @@ from graphprune.analysis.rules import (  # noqa: E402,F401
     shape_ops,
     tensor_ops,
 )
+
+# torch's own subclasses that compute exactly what their base does. Not the QAT, quantized or
+# reference modules (fake-quantized weights, packed parameters, per-channel observers), and
+# not the Lazy* ones (they become their base class once materialized).
+for _cls, _base in (
+    (nn.BatchNorm1d, nn.modules.batchnorm._BatchNorm),
+    (nn.BatchNorm2d, nn.modules.batchnorm._BatchNorm),
+    (nn.BatchNorm3d, nn.modules.batchnorm._BatchNorm),
+    (nn.SyncBatchNorm, nn.modules.batchnorm._BatchNorm),
+    (nn.InstanceNorm1d, nn.modules.instancenorm._InstanceNorm),
+    (nn.InstanceNorm2d, nn.modules.instancenorm._InstanceNorm),
+    (nn.InstanceNorm3d, nn.modules.instancenorm._InstanceNorm),
+    (nn.ZeroPad1d, nn.ConstantPad1d),
+    (nn.ZeroPad3d, nn.ConstantPad3d),
+    (nn.modules.linear.NonDynamicallyQuantizableLinear, nn.Linear),
+):
+    register_equivalent(_cls, _base)

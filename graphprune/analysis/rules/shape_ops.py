@@ -156,6 +156,8 @@ def _getitem(b: Builder, node: fx.Node, m: object) -> object:
     v = b.value(src)
     if isinstance(v, list):
         return v[index]
+    if isinstance(v, ParamValue):
+        return _index_param(b, v, index, node)
     if not isinstance(v, TensorChannels):
         return None
     in_shape = _shape(src)
@@ -202,6 +204,54 @@ def _shrink_param_view(s: Shrink, node: fx.Node, p: ParamValue) -> None:
         if axis >= 0 and isinstance(shape[d], int) and shape[d] != -1:
             shape[d] = int(own[axis])
     node.args = (node.args[0], tuple(shape)) if packed else (node.args[0], *shape)
+
+
+def _index_param(b: Builder, v: ParamValue, index: object, node: fx.Node) -> ParamValue:
+    """``gamma[:, None, None]`` and the like: full slices, None and Ellipsis only move the
+    parameter's axes, so its entries still follow the channels it is multiplied with."""
+    ndim = len(param_shape(b, v))
+    items = index if isinstance(index, tuple) else (index,)
+    if sum(i is Ellipsis for i in items) > 1:
+        raise ChannelError("more than one Ellipsis")
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        fill = ndim - sum(i is not None and i is not Ellipsis for i in items)
+        items = items[:at] + (slice(None),) * fill + items[at + 1 :]
+    axes: list[int] = []
+    din = 0
+    for i in items:
+        if i is None:
+            axes.append(-1)
+        elif i == slice(None):
+            axes.append(param_axis(v, din))
+            din += 1
+        else:
+            raise ChannelError(f"parameter {v.path} indexed with {i!r}")
+    axes.extend(param_axis(v, d) for d in range(din, ndim))
+    return ParamValue(v.path, (_shape(node), tuple(axes)))
+
+
+@register(getattr)
+def _getattr(b: Builder, node: fx.Node, m: object) -> object:
+    """``x.data`` is ``x``; ``x.mT`` / ``x.T`` move dims; non-tensor attributes (shape,
+    dtype, device) carry no channels. Any other tensor attribute is unknown."""
+    src, name = node.args[0], node.args[1]
+    v = b.value(src)
+    if name == "data":
+        return v
+    if meta.shape(node) is None:
+        return None
+    if name in ("mT", "mH", "T", "H") and isinstance(v, TensorChannels):
+        nd = len(_shape(node))
+        perm = list(range(nd))
+        if name in ("mT", "mH"):
+            perm[-2], perm[-1] = perm[-1], perm[-2]
+        else:
+            perm.reverse()
+        if v.carries and perm[0] != 0:
+            raise ChannelError(f".{name} moves the batch dim")
+        return v.permuted(perm)
+    raise ChannelError(f"tensor attribute .{name}")
 
 
 def _shrink_view(s: Shrink, node: fx.Node, m: object) -> None:

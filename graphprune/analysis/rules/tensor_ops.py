@@ -226,6 +226,6 @@ def _unify(b: Builder, left, right, out_nd: int) -> TensorChannels:
     return TensorChannels.unknown() if (a.opaque or c.opaque) else a
 
 
-@register("size", "dim", "numel", getattr)
+@register("size", "dim", "numel")
 def _size(b: Builder, node: fx.Node, m: object) -> None:
     return None
