@@ -19,7 +19,7 @@ from torch import nn
 import graphprune as gp
 from graphprune.apps.models import get_model
 from graphprune.errors import InputError, PlanError, TraceError, TrainingError
-from graphprune.methods.magnitude import plan_magnitude
+from graphprune.methods.magnitude import Magnitude
 from graphprune.testing.zoo import UnknownOp
 
 X = torch.randn(2, 3, 8, 8)
@@ -129,7 +129,8 @@ def test_non_finite_weights_warn_and_are_kept_out_of_the_ranking(watch, value) -
     assert "0.weight" in str(record[0].message)
     graph = gp.build_channel_graph(gm)
     (gid,) = [g.id for g in graph.groups if g.producers == ("0",)]
-    plan, _ = plan_magnitude(gm, 0.3, 1, graph=graph)
+    method = Magnitude(gm, flops_target=0.3, round_to=1, graph=graph)
+    plan = method.plan(method.scores())
     assert len(plan[gid]) < 16  # the group was pruned ...
     assert 5 in plan[gid].tolist()  # ... but not by a comparison with a non-finite score
 
@@ -174,8 +175,10 @@ def test_an_unknown_method(watch) -> None:
 
 
 def test_options_a_method_does_not_take(watch) -> None:
-    with pytest.raises(TypeError, match="takes no options"):
+    with pytest.raises(TypeError, match="magnitude does not train, so epochs do not apply"):
         gp.compress(watch(net()), "magnitude", example_inputs=(X,), epochs=3)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) widht"):
+        gp.compress(watch(net()), "magnitude", example_inputs=(X,), widht=3)
 
 
 def test_a_model_with_nothing_to_prune(watch) -> None:
