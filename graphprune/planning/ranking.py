@@ -30,7 +30,7 @@ import numpy as np
 
 from graphprune.analysis import ChannelGraph
 from graphprune.planning.plan import is_tied, keep_every_member_alive, rounded_width
-from graphprune.planning.selection import MacsModel, unreachable, walk
+from graphprune.planning.selection import MacsModel, rankable, unreachable, walk
 from graphprune.planning.target import blockers
 
 DEFAULT_MIN_KEEP_FRACTION = 0.1
@@ -250,7 +250,7 @@ def select_kept(
 
 
 def _order(scores: np.ndarray) -> np.ndarray:
-    return np.argsort(-np.asarray(scores), kind="stable")  # best first, as walk keeps them
+    return np.argsort(-rankable(scores), kind="stable")  # best first, as walk keeps them
 
 
 def _selection(graph, scores, layer_macs, counts, rounding, target) -> Selection:

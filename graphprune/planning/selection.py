@@ -191,6 +191,13 @@ def select_channels(
     return keep_every_member_alive(graph, plan, scores)
 
 
+def rankable(scores: object) -> np.ndarray:
+    """Scores as floats with NaN/Inf (weights that are not finite) as +inf: such a channel
+    ranks above every other, so no comparison with a non-finite score ever drops it."""
+    a = np.asarray(scores, dtype=np.float64)
+    return np.where(np.isfinite(a), a, np.inf)
+
+
 def walk(
     graph: ChannelGraph,
     scores: Mapping[int, np.ndarray],
@@ -211,7 +218,7 @@ def walk(
     model = MacsModel(graph, layer_macs, scores)
     target = flops_target * model.dense
     # A NaN/Inf score (weights that are not finite) ranks nothing: that channel is kept.
-    scores = {g: np.where(np.isfinite(a), a, np.inf) for g, a in scores.items()}
+    scores = {g: rankable(a) for g, a in scores.items()}
     order = sorted(
         (float(s), gid, pos)
         for gid, arr in scores.items()
