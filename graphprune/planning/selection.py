@@ -66,7 +66,7 @@ class MacsModel:
         self.ordered = set(scores or ())  # groups whose top-k by score is known
         for g in graph.groups:
             if scores is not None and g.id in scores:
-                self._set_order(g.id, np.argsort(-np.asarray(scores[g.id]), kind="stable"))
+                self._set_order(g.id, np.argsort(-rankable(scores[g.id]), kind="stable"))
             else:
                 self._set_order(g.id, np.arange(g.channels))
         # per layer: (dense macs, [side: (atoms on that side, {gid: atoms per position})])
