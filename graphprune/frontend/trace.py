@@ -160,6 +160,17 @@ def _trace_graph(tracer: fx.Tracer, model: nn.Module) -> fx.Graph:
         ) from exc
 
 
+# Module types (exact: a subclass may override forward) whose output has exactly their
+# input's shape and dtype. On meta tensors they run through Python decompositions (BatchNorm
+# alone was most of a ResNet's shape pass), so the shape pass hands the input through instead;
+# they have no multiply-accumulates to count.
+_SHAPE_PRESERVING = frozenset({
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.Hardtanh,
+    nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Mish,
+    nn.ELU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+})  # fmt: skip
+
+
 class _ShapeRecorder(fx.Interpreter):
     """Runs the graph, recording each node's output shape and the FLOPs its ops performed."""
 
