@@ -138,12 +138,12 @@ def apply_rule(b: Builder, node: fx.Node) -> object:
         if meta.output_shapes(node) is None and not _has_tensor_input(b, node):
             return None  # arithmetic on sizes and other non-tensor bookkeeping
         return b.unknown(node, _no_rule_reason(module))
-    first_new_atom = len(b.uf.parent)
+    first_new_atom = b.uf.count
     try:
         value = rule.analyze(b, node, module)
     except ChannelError as exc:
         # Channels the rule created before giving up belong to no member: not prunable.
-        b.block(np.arange(first_new_atom, len(b.uf.parent)), f"{node.name}: {exc}")
+        b.block(np.arange(first_new_atom, b.uf.count), f"{node.name}: {exc}")
         return b.unknown(node, str(exc))
     if value is None and meta.shape(node) is not None and _has_tensor_input(b, node):
         # A tensor the rule could not describe must not read as "carries no channels".
