@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -375,12 +376,13 @@ class ResRep(Method):
                 self.config.fold_threshold,
                 at_least=max(total, 2),
             )
-            raise TrainingError(
+            warnings.warn(
                 f"ResRep: {left} masked compactor rows are still above fold_threshold="
                 f"{self.config.fold_threshold} after {self.iteration} iterations, so folding "
                 f"would keep them and miss the MACs target ({planned:.3f} planned). Train "
                 f"for about {max(need, 2 * self.iteration)} iterations with the "
-                "adaptive schedule (or a schedule whose masked_penalty decays rows in time)"
+                "adaptive schedule (or a schedule whose masked_penalty decays rows in time)",
+                stacklevel=2,
             )
         return super().finalize(verify=verify)
 
