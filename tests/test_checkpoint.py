@@ -165,9 +165,9 @@ def _tiny_cnn() -> nn.Module:
 
 def _resrep(ckpt: Path, flops_target: float, resume: bool | str = False):
     g = torch.Generator().manual_seed(0)
-    # 2 epochs of 150 batches: about the shortest budget ResRep accepts (masked rows must
+    # 2 epochs of 200 batches: about the shortest budget ResRep accepts (masked rows must
     # decay before the end, or it refuses the budget).
-    data = TensorDataset(torch.randn(150, 3, 8, 8, generator=g), torch.randint(0, 3, (150,)))
+    data = TensorDataset(torch.randn(200, 3, 8, 8, generator=g), torch.randint(0, 3, (200,)))
     loader = DataLoader(data, batch_size=1)
     return compress(
         _tiny_cnn(),
