@@ -1,0 +1,178 @@
+"""Training-time channel masks over coupled groups: the one mechanism every masking method
+(CHEX, slimming, FPGM, GSM, iterative magnitude, ...) shares.
+
+A masked channel has every producer-side entry (conv rows, biases, norm scale and shift, layer
+scales: the graph's "out" sites) held at zero, so the channel is zero everywhere it flows and
+removing it later changes no output: the exactness argument of graphprune.testing.exactness.
+Only prunable, exact groups can be masked (in an inexact group a zeroed channel is not zero
+downstream).
+
+When a channel is masked, the current values of all its entries (producers, the consumers'
+input slices, norm running statistics) are saved, so ``set_keep(..., restore=True)`` brings a
+channel back exactly as it was when it was masked (CHEX's regrowth). ``apply()`` re-zeroes the
+masked producer entries; call it after every optimizer step (hard masks), or only when masks
+change (soft masks: the zeroed weights keep training, as in FPGM's soft filter pruning).
+
+Invariant: ``keep`` has one boolean per channel of each maskable group; a group never has all
+its channels masked (a group must keep at least one channel, as pruning requires).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import fx
+
+from graphprune.analysis import ChannelGraph
+from graphprune.frontend.params import get_tensor
+from graphprune.planning.selection import MacsModel
+
+
+@dataclass(frozen=True, slots=True)
+class _SiteIndex:
+    """One parameter/buffer axis: which group and channel each of its indices belongs to."""
+
+    path: str
+    axis: int
+    role: str  # "out" (zeroing it zeroes the channel), "in" or "stat"
+    gids: np.ndarray
+    pos: np.ndarray
+
+
+class ChannelMasks:
+    """Per-group keep masks on a traced model (see the module docstring)."""
+
+    def __init__(
+        self, gm: fx.GraphModule, graph: ChannelGraph, groups: Iterable[int] | None = None
+    ) -> None:
+        maskable = {g.id for g in graph.groups if g.prunable and g.exact and g.channels > 1}
+        ids = sorted(maskable if groups is None else groups)
+        bad = [g for g in ids if g not in maskable]
+        if bad:
+            raise ValueError(
+                f"groups {bad} cannot be masked: only prunable, exact groups with more than "
+                "one channel can (see graph.groups[i].reasons / inexact_reasons)"
+            )
+        self.gm, self.graph = gm, graph
+        self.keep = {g: np.ones(graph.groups[g].channels, dtype=bool) for g in ids}
+        self._sites: list[_SiteIndex] = []
+        for s in graph.sites:
+            gids, pos = graph.positions(s.atoms.reshape(-1))
+            if np.isin(gids, ids).any():
+                self._sites.append(_SiteIndex(s.path, s.axis, s.role, gids, pos))
+        self._saved: dict[str, torch.Tensor] = {}  # path -> last values of masked entries
+
+    # --- reading ------------------------------------------------------------------------
+    @property
+    def groups(self) -> list[int]:
+        return list(self.keep)
+
+    def plan(self) -> dict[int, np.ndarray]:
+        """Group id -> kept channel indices, for the groups with a masked channel (the plan
+        ``prune_channels`` removes exactly)."""
+        return {g: np.nonzero(k)[0] for g, k in self.keep.items() if not k.all()}
+
+    def masked(self) -> int:
+        """Masked channels, summed over groups."""
+        return sum(int((~k).sum()) for k in self.keep.values())
+
+    def macs_fraction(self, layer_macs: Mapping[str, int]) -> float:
+        """Predicted remaining MACs / dense MACs with the masked channels removed."""
+        model = MacsModel(self.graph, layer_macs)
+        for g, k in self.keep.items():
+            model.set_kept(g, np.nonzero(k)[0])
+        return model.macs / model.dense
+
+    # --- writing ------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_keep(
+        self, keep: Mapping[int, np.ndarray | Iterable[int]], *, restore: bool = False
+    ) -> tuple[int, int]:
+        """New masks for the groups in ``keep`` (a boolean array per channel, or the kept
+        indices); other groups keep theirs. Newly masked channels are saved, then zeroed.
+        Newly kept ones get their saved values back when ``restore`` (else they start from
+        whatever they hold now: zero, or what soft masking let them learn). Returns
+        (newly masked, newly kept) channel counts."""
+        new = {g: self._as_bool(g, k) for g, k in keep.items()}
+        dropped = {g: self.keep[g] & ~k for g, k in new.items()}
+        regrown = {g: ~self.keep[g] & k for g, k in new.items()}
+        self._copy(dropped, save=True)
+        if restore:
+            self._copy(regrown, save=False)
+        for g, k in new.items():
+            self.keep[g] = k
+        self.apply()
+        return (
+            sum(int(d.sum()) for d in dropped.values()),
+            sum(int(r.sum()) for r in regrown.values()),
+        )
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Zero every producer-side entry of the masked channels."""
+        for s, idx in self._indices({g: ~k for g, k in self.keep.items()}, roles=("out",)):
+            get_tensor(self.gm, s.path).index_fill_(s.axis, idx, 0.0)
+
+    def zero_grads(self) -> None:
+        """Zero the gradients of masked producer entries (call between backward and step when
+        momentum or weight decay must not move them; ``apply`` alone re-zeroes the weights)."""
+        for s, idx in self._indices({g: ~k for g, k in self.keep.items()}, roles=("out",)):
+            t = get_tensor(self.gm, s.path)
+            if t.grad is not None:
+                t.grad.index_fill_(s.axis, idx, 0.0)
+
+    # --- checkpoints --------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "keep": {g: torch.from_numpy(k.copy()) for g, k in self.keep.items()},
+            "saved": {p: t.clone() for p, t in self._saved.items()},
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        keep = {int(g): k.numpy().astype(bool) for g, k in state["keep"].items()}
+        if {g: len(k) for g, k in keep.items()} != {g: len(k) for g, k in self.keep.items()}:
+            raise ValueError("mask state is for other groups or widths than this model's")
+        self.keep = keep
+        self._saved = {p: t.clone() for p, t in state["saved"].items()}
+
+    # --- internals ----------------------------------------------------------------------
+    def _as_bool(self, g: int, k: np.ndarray | Iterable[int]) -> np.ndarray:
+        if g not in self.keep:
+            raise KeyError(f"group {g} is not masked by this ChannelMasks (groups {self.groups})")
+        n = len(self.keep[g])
+        a = np.asarray(list(k) if not isinstance(k, np.ndarray) else k)
+        if a.dtype == bool:
+            if a.shape != (n,):
+                raise ValueError(f"group {g}: a boolean mask needs {n} entries, got {a.shape}")
+            out = a.copy()
+        else:
+            out = np.zeros(n, dtype=bool)
+            out[a.astype(np.int64)] = True
+        if not out.any():
+            raise ValueError(f"group {g}: every channel masked; a group keeps at least one")
+        return out
+
+    def _indices(self, select: Mapping[int, np.ndarray], roles: tuple[str, ...]):
+        """(site, index tensor) for the entries of the selected channels at ``roles`` sites."""
+        for s in self._sites:
+            if s.role not in roles:
+                continue
+            hit = np.zeros(len(s.gids), dtype=bool)
+            for g, chosen in select.items():
+                if chosen.any():
+                    in_g = s.gids == g
+                    hit[in_g] = chosen[s.pos[in_g]]
+            if hit.any():
+                yield s, torch.from_numpy(np.nonzero(hit)[0])
+
+    def _copy(self, select: Mapping[int, np.ndarray], *, save: bool) -> None:
+        for s, idx in self._indices(select, roles=("out", "in", "stat")):
+            t = get_tensor(self.gm, s.path)
+            if save:
+                saved = self._saved.setdefault(s.path, t.detach().clone())
+                saved.index_copy_(s.axis, idx, t.detach().index_select(s.axis, idx))
+            elif s.path in self._saved:
+                t.index_copy_(s.axis, idx, self._saved[s.path].index_select(s.axis, idx))
