@@ -13,8 +13,16 @@ lr 0.05 (batch ``--batch``, SGD momentum 0.9, weight decay 1e-4 off norms/biases
 - graphprune magnitude (one-shot, exact widths: ``round_to=1``) + fine-tuning;
 - Torch-Pruning 1.6 global group-L2 (ratio bisected to the MACs target) + fine-tuning.
 
-Writes JSON (every row), a markdown table of mean ± std over seeds and a PNG of accuracy against
-MACs kept into benchmarks/results/ (``--tag`` names the files).
+Any other registered graphprune method is a row by its name (``--methods chex slimming ...``):
+``compress(base, NAME, train_loader=..., epochs=--epochs, lr=0.05, flops_target=target)``, so
+every method gets the same epoch budget from the same base model.
+
+Base models are cached per (model, seed, base epochs, training subset, batch) in
+benchmarks/results/cache/ (not committed), so runs of different methods, in different processes,
+start from bit-identical bases. Rows are merged into the tag's JSON after every row (a row of the
+same method, target and seed is replaced; ``--fresh`` starts over), and the markdown table of
+mean ± std over seeds and the PNG of accuracy against MACs kept are written from all rows of the
+tag into benchmarks/results/ (``--tag`` names the files).
 
     python benchmarks/fashion_resnet.py --seeds 0 1 2 --base-epochs 15 --epochs 15
     python benchmarks/fashion_resnet.py --seeds 0 --base-epochs 3 --epochs 3 \\
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import time
 from pathlib import Path
@@ -106,15 +115,39 @@ def torch_pruning_row(base, example, target, train, test, *, epochs, seed) -> di
     return out | ({"note": row["note"]} if "note" in row else {})
 
 
+def generic_row(method, base, example, target, train, test, *, epochs, seed) -> dict:
+    """A registered method by name: trained (or, one-shot, fine-tuned) for ``epochs``."""
+    torch.manual_seed(seed)
+    t = time.perf_counter()
+    trains = gp.methods.get_method(method).trains
+    training = dict(train_loader=train, epochs=epochs, lr=LR, progress=False) if trains else {}
+    result = gp.compress(
+        base, method, example_inputs=example, flops_target=target, val_loader=test, **training
+    )
+    if not trains:
+        torch.manual_seed(seed)
+        fit(result.model, train, epochs=epochs, lr=LR, progress=False)
+    report = result.report
+    return {
+        "macs_kept": report.macs_ratio,
+        "final_acc": evaluate(result.model, test),
+        "acc_before_finalize": report.accuracy_before_finalize,
+        "stats": report.stats_dict(),
+        "seconds": time.perf_counter() - t,
+    }
+
+
 def run_row(method, base, example, target, train, test, *, epochs, seed) -> dict:
     kw = dict(epochs=epochs, seed=seed)
     try:
-        if method.startswith("resrep"):
+        if method in ("resrep", "resrep+distill"):
             row = resrep_row(base, example, target, train, test, distill="distill" in method, **kw)
         elif method == "magnitude+ft":
             row = magnitude_row(base, example, target, train, test, **kw)
-        else:
+        elif method == "torch-pruning+ft":
             row = torch_pruning_row(base, example, target, train, test, **kw)
+        else:
+            row = generic_row(method, base, example, target, train, test, **kw)
     except gp.GraphpruneError as exc:  # recorded as a failed row, never dropped
         row = {"macs_kept": None, "final_acc": None, "seconds": None, "note": str(exc)}
     return {"method": method, "target": target, "seed": seed} | row
@@ -123,7 +156,7 @@ def run_row(method, base, example, target, train, test, *, epochs, seed) -> dict
 def summarize(rows: list[dict], bases: dict[int, float]) -> list[dict]:
     out = []
     for target in sorted({r["target"] for r in rows}, reverse=True):
-        for method in METHODS:
+        for method in _ordered({r["method"] for r in rows}):
             same = [r for r in rows if r["method"] == method and r["target"] == target]
             ok = [r for r in same if r["final_acc"] is not None]
             if not same:
@@ -146,6 +179,15 @@ def summarize(rows: list[dict], bases: dict[int, float]) -> list[dict]:
     return out
 
 
+def _ordered(methods) -> list[str]:
+    """The fixed rows first, then other methods by name."""
+    return [m for m in METHODS if m in methods] + sorted(set(methods) - set(METHODS))
+
+
+def label(method: str) -> str:
+    return LABELS.get(method, f"graphprune {method}")
+
+
 def markdown(summary: list[dict], bases: dict[int, float]) -> str:
     accs = list(bases.values())
     lines = [
@@ -159,11 +201,11 @@ def markdown(summary: list[dict], bases: dict[int, float]) -> str:
     for s in summary:
         if s["acc"] is None:
             lines.append(
-                f"| {s['target']} | {LABELS[s['method']]} | — | — | — | — | {s['failed']} |"
+                f"| {s['target']} | {label(s['method'])} | — | — | — | — | {s['failed']} |"
             )
             continue
         lines.append(
-            f"| {s['target']} | {LABELS[s['method']]} | {s['macs_kept']:.3f} | "
+            f"| {s['target']} | {label(s['method'])} | {s['macs_kept']:.3f} | "
             f"{s['worst_miss']:.3f} | {s['acc']:.2f} ± {s['acc_std']:.2f} | {s['delta']:+.2f} | "
             f"{s['failed']} |"
         )
@@ -177,7 +219,7 @@ def plot(summary: list[dict], bases: dict[int, float], path: Path, title: str) -
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for method in METHODS:
+    for method in _ordered({s["method"] for s in summary}):
         pts = [s for s in summary if s["method"] == method and s["acc"] is not None]
         if pts:
             ax.errorbar(
@@ -186,7 +228,7 @@ def plot(summary: list[dict], bases: dict[int, float], path: Path, title: str) -
                 yerr=[s["acc_std"] for s in pts],
                 marker="o",
                 capsize=3,
-                label=LABELS[method],
+                label=label(method),
             )
     ax.axhline(statistics.mean(bases.values()), color="gray", ls="--", label="dense base")
     ax.set_xscale("log")
@@ -202,7 +244,12 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--models", nargs="+", default=["resnet20"], choices=list(DEPTHS))
     p.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=sorted(set(METHODS) | set(gp.methods.method_names())),
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--train-subset", type=int, default=10_000)
     p.add_argument("--test-subset", type=int, default=0, help="0: the full 10,000")
@@ -210,25 +257,26 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--tag", default="", help="suffix of the result files")
+    p.add_argument("--fresh", action="store_true", help="drop the tag's earlier rows")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     train_set, test_set = load_fashion_mnist(train_subset=args.train_subset or None)
     if args.test_subset:
         test_set = Subset(test_set, range(args.test_subset))
     test = DataLoader(test_set, batch_size=500)
     example = (test_set[0][0][None],)
     stem = "fashion_resnet" + (f"_{args.tag}" if args.tag else "")
-    results, tables = {}, []
+    out = f"benchmarks/results/{stem}.json"
+    results = {} if args.fresh else _earlier(out, args)
     for name in args.models:
-        rows, bases = [], {}
+        kept = results.get(name, {"bases": {}, "rows": []})
+        rows, bases = kept["rows"], {int(k): v for k, v in kept["bases"].items()}
         for seed in args.seeds:
             gen = torch.Generator().manual_seed(seed)
             train = DataLoader(train_set, batch_size=args.batch, shuffle=True, generator=gen)
-            torch.manual_seed(seed)
-            base = cifar_resnet(DEPTHS[name], num_classes=10, in_channels=1)
-            bases[seed], base_s = train_base(
-                base, train, test, epochs=args.base_epochs, lr=0.1, seed=seed
-            )
-            print(f"{name} seed {seed}: base {bases[seed]:.2f}% ({base_s:.0f} s)", flush=True)
+            base, bases[seed] = cached_base(name, seed, train, test, args)
             for target in args.targets:
                 for method in args.methods:
                     row = run_row(
@@ -241,25 +289,68 @@ def main() -> None:
                         epochs=args.epochs,
                         seed=seed,
                     )
+                    key = (method, target, seed)
+                    rows = [r for r in rows if (r["method"], r["target"], r["seed"]) != key]
                     rows.append(row)
                     print({k: v for k, v in row.items() if k != "stats"}, flush=True)
-        summary = summarize(rows, bases)
-        results[name] = {"bases": bases, "rows": rows, "summary": summary}
-        png = ROOT / "benchmarks" / "results" / f"{stem}_{name}.png"
-        png.parent.mkdir(parents=True, exist_ok=True)
-        plot(
-            summary,
-            bases,
-            png,
-            f"{name}, Fashion-MNIST {args.train_subset or 60000} images, "
-            f"{args.base_epochs}+{args.epochs} epochs, seeds {args.seeds}",
+                    results[name] = {"bases": bases, "rows": rows, "summary": []}
+                    write(results, name, stem, out, args)
+    print("\n\n".join(write(results, name, stem, out, args) for name in results))
+
+
+def cached_base(name: str, seed: int, train, test, args):
+    """The seed's base model, trained once and cached, and its test accuracy."""
+    key = f"{name}_s{seed}_e{args.base_epochs}_n{args.train_subset}_b{args.batch}"
+    path = ROOT / "benchmarks" / "results" / "cache" / f"fashion_{key}.pt"
+    torch.manual_seed(seed)
+    base = cifar_resnet(DEPTHS[name], num_classes=10, in_channels=1)
+    if path.exists():
+        base.load_state_dict(torch.load(path, weights_only=True))
+        acc = evaluate(base, test)
+        print(f"{name} seed {seed}: cached base {acc:.2f}% ({path.name})", flush=True)
+        return base, acc
+    acc, seconds = train_base(base, train, test, epochs=args.base_epochs, lr=0.1, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(base.state_dict(), path)
+    print(f"{name} seed {seed}: base {acc:.2f}% ({seconds:.0f} s)", flush=True)
+    return base, acc
+
+
+SAME_RUN = ("train_subset", "test_subset", "base_epochs", "epochs", "batch")
+
+
+def _earlier(out: str, args) -> dict:
+    """The tag's earlier results, if they were run with the same data and budgets."""
+    path = ROOT / out
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    differ = [k for k in SAME_RUN if old["args"].get(k) != getattr(args, k)]
+    if differ:
+        raise SystemExit(
+            f"{out} holds rows of another setting ({', '.join(differ)} differ): "
+            "use another --tag, or --fresh to replace them"
         )
-        tables.append(f"### {name}\n\n" + markdown(summary, bases) + f"\n\nPlot: {png.name}")
-        save(
-            f"benchmarks/results/{stem}.json",
-            {"machine": machine(), "args": vars(args), "results": results},
-        )
-    print("\n\n".join(tables))
+    return old["results"]
+
+
+def write(results: dict, name: str, stem: str, out: str, args) -> str:
+    """JSON (all rows), the PNG and the markdown table of ``name``; returns the table."""
+    rows, bases = results[name]["rows"], results[name]["bases"]
+    summary = summarize(rows, bases)
+    results[name]["summary"] = summary
+    seeds = sorted({r["seed"] for r in rows})
+    png = ROOT / "benchmarks" / "results" / f"{stem}_{name}.png"
+    png.parent.mkdir(parents=True, exist_ok=True)
+    plot(
+        summary,
+        bases,
+        png,
+        f"{name}, Fashion-MNIST {args.train_subset or 60000} images, "
+        f"{args.base_epochs}+{args.epochs} epochs, seeds {seeds}",
+    )
+    save(out, {"machine": machine(), "args": vars(args), "results": results})
+    return f"### {name}\n\n" + markdown(summary, bases) + f"\n\nPlot: {png.name}"
 
 
 if __name__ == "__main__":
