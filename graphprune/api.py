@@ -39,7 +39,8 @@ class CompressionResult:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TrainingOptions:
-    """How compress() trains a method that ``trains`` (all but ``val_loader`` apply only then).
+    """How compress() trains a method that ``needs_training`` (all but ``val_loader`` apply
+    only then: a method that ``trains``, or one that ``can_train`` given a ``train_loader``).
 
     ``val_loader`` measures top-1 accuracy right before and after the finalize passes (and per
     epoch while training). ``train_step(model, batch) -> loss`` replaces ``loss_fn`` for models
@@ -87,9 +88,10 @@ def compress(
     options = check_compress_options(options)  # before any tracing or training
     cls = get_method(method)
     config, training = _split_options(cls, method, options)
-    if cls.trains and distributed.active():  # the schedule must count this rank's iterations
+    trains = cls.needs_training(config, has_loader=training.train_loader is not None)
+    if trains and distributed.active():  # the schedule must count this rank's iterations
         training = replace(training, train_loader=distributed.shard_loader(training.train_loader))
-    iters = iterations_per_epoch(training.train_loader) if cls.trains else None
+    iters = iterations_per_epoch(training.train_loader) if trains else None
     start = time.perf_counter()
     gm = trace_with_fallback(model, example_inputs, leaf_modules=leaf_modules)
     frozen = frozen_submodules(gm)  # what fx could not trace, kept whole
@@ -100,25 +102,25 @@ def compress(
         reasons = "; ".join(sorted({r for g in groups for r in g.reasons}))
         where = f"; frozen submodules: {', '.join(frozen)}" if frozen else ""
         raise PlanError(f"{type(model).__name__} has no prunable channel group ({reasons}{where})")
-    teacher = frozen_teacher(gm) if cls.trains and training.distill else None
+    teacher = frozen_teacher(gm) if trains and training.distill else None
     m = cls(
         gm,
         config,
         total_iters=None if iters is None else iters * training.epochs,  # type: ignore[operator]
         iters_per_epoch=iters,
-        lr=training.lr if cls.trains else None,
+        lr=training.lr if trains else None,
         graph=graph,
         layer_macs=dense.per_layer,
         verify=verify,
     )
-    train_seconds = _train(m, config, training, teacher) if cls.trains else None
+    train_seconds = _train(m, config, training, teacher) if trains else None
     val = training.val_loader
     accuracy_before = evaluate(m.model, val) if val is not None else None
     pruned = m.finalize(verify=verify)
     pruned.eval()
     after = count_macs(pruned, example_inputs_of(gm))
     # Never a silent shortfall: PlanError, or a warning after training (see check_reached).
-    check_reached(config.flops_target, dense, after, graph, frozen, trained=cls.trains)
+    check_reached(config.flops_target, dense, after, graph, frozen, trained=trains)
     report = build_report(
         method=cls.name,
         config=config.to_dict(),
@@ -150,10 +152,11 @@ def _split_options(
             f"{', '.join(TRAINING_OPTIONS)}"
         )
     training = {k: v for k, v in options.items() if k in TRAINING_OPTIONS}
-    if not cls.trains and set(training) - {"val_loader"}:
-        trainers = [n for n in method_names() if get_method(n).trains]
+    given = sorted(set(training) - {"val_loader"})
+    if not (cls.trains or cls.can_train) and given:
+        trainers = [n for n in method_names() if get_method(n).trains or get_method(n).can_train]
         raise TypeError(
-            f"{cls.name} does not train, so {', '.join(sorted(set(training) - {'val_loader'}))} "
+            f"{cls.name} does not train, so {', '.join(given)} "
             f"do not apply (methods that train: {', '.join(trainers) or 'none'})"
         )
     base = method if isinstance(method, MethodConfig) else None
@@ -164,8 +167,16 @@ def _split_options(
             "distill= wraps the classification loss and cannot see inside a custom train_step; "
             "use graphprune.training.distill.DistillLoss in your step instead"
         )
-    if cls.trains and (t.train_loader is None or t.epochs is None):
+    if cls.needs_training(config, has_loader=t.train_loader is not None) and (
+        t.train_loader is None or t.epochs is None
+    ):
         raise TypeError(f"{cls.name} trains: compress() needs train_loader= and epochs=")
+    given = [k for k in given if k != "progress"]  # harmless when it does not train
+    if given and t.train_loader is None:  # a method that only can train, given no data
+        raise TypeError(
+            f"{cls.name} trains only when given train_loader= (then with epochs=); "
+            f"without it {', '.join(given)} do not apply"
+        )
     return config, t
 
 

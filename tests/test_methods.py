@@ -114,6 +114,10 @@ def test_plugin_listed_by_methods_command(plugin) -> None:
     options = {o["name"]: o for o in rows["keep-first"]["options"]}
     assert options["last"]["default"] is False and options["flops_target"]["default"] == 0.5
     assert rows["resrep"]["trains"] and not rows["keep-first"]["trains"]
+    assert rows["magnitude"]["can_train"] and not rows["magnitude"]["trains"]
+    assert not rows["keep-first"]["can_train"]
+    code, out, _ = _run(["methods"])
+    assert "magnitude  (one-shot; trains, e.g. fine-tunes, when given --data" in out
 
 
 def test_plugin_compress_from_the_command_line(plugin, tmp_path: Path) -> None:
@@ -142,17 +146,20 @@ def test_plugins_from_the_environment_in_a_real_process() -> None:
     assert proc.returncode == 2 and "cannot import plugin 'no_such_plugin_module'" in proc.stderr
 
 
-def test_unknown_method_flag_and_training_flags_are_refused(capsys) -> None:
+def test_unknown_method_flag_and_training_flags_are_refused(plugin, capsys) -> None:
     with pytest.raises(SystemExit):  # --last belongs to a method that is not loaded
         main(["compress", "resnet20", "--method", "magnitude", "--last"])
     assert "unrecognized arguments: --last" in capsys.readouterr().err
-    assert main(["compress", "resnet20", "--epochs", "3"]) == 2
-    assert "--epochs: only for methods that train; magnitude does not" in capsys.readouterr().err
+    argv = ["--plugin", "plugin_method", "compress", "resnet20", "--method", "keep-first"]
+    assert main([*argv, "--epochs", "3"]) == 2
+    assert "--epochs: only for methods that train; keep-first does not" in capsys.readouterr().err
 
 
 # --- the registry and configs -------------------------------------------------------------------
 def test_registry_names_what_it_knows_and_checks_what_it_gets() -> None:
-    with pytest.raises(ValueError, match="unknown method 'nope'; known methods: magnitude, resrep"):
+    with pytest.raises(
+        ValueError, match="unknown method 'nope'; known methods: .*magnitude.*resrep"
+    ):
         get_method("nope")
     assert get_method(ResRepConfig()) is get_method("resrep")
 
@@ -219,3 +226,16 @@ def test_trained_method_needs_its_training_options() -> None:
         graphprune.compress(model, "resrep", example_inputs=inputs)
     with pytest.raises(TypeError, match="resrep trains: pass total_iters="):
         get_method("resrep")(graphprune.trace(model, inputs))
+    # a method that can train: one-shot without data, trains when given it or when the
+    # config demands it (iterative magnitude)
+    magnitude = get_method("magnitude")
+    assert magnitude.can_train and not magnitude.trains
+    assert not magnitude.needs_training(MagnitudeConfig(), has_loader=False)
+    assert magnitude.needs_training(MagnitudeConfig(), has_loader=True)
+    assert magnitude.needs_training(MagnitudeConfig(iterative=3), has_loader=False)
+    with pytest.raises(TypeError, match="magnitude trains: compress\\(\\) needs train_loader="):
+        graphprune.compress(model, "magnitude", example_inputs=inputs, iterative=3)
+    with pytest.raises(TypeError, match="magnitude trains: pass total_iters="):
+        magnitude(graphprune.trace(model, inputs), iterative=2)
+    with pytest.raises(TypeError, match="magnitude trains only when given train_loader="):
+        graphprune.compress(model, "magnitude", example_inputs=inputs, epochs=2)

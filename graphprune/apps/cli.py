@@ -114,7 +114,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.out:
         check_writable(args.out)  # before any training, not after
     options: dict[str, object] = {}
-    if cls.trains:
+    given = [
+        f"--{f.replace('_', '-')}" for f in _TRAINING_FLAGS if getattr(args, f) not in (None, False)
+    ]
+    if cls.needs_training(config, has_loader=bool(given)):
         model, inputs, train, val = _training_setup(args)
         options = dict(
             train_loader=train,
@@ -127,11 +130,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
         if args.distill:
             options["distill"] = True
     else:
-        given = [
-            f"--{f.replace('_', '-')}"
-            for f in _TRAINING_FLAGS
-            if getattr(args, f) not in (None, False)
-        ]
         if given:
             raise ValueError(
                 f"{', '.join(given)}: only for methods that train; {cls.name} does not"
@@ -158,6 +156,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
                 "name": name,
                 "doc": _first_line(cls.__doc__),
                 "trains": cls.trains,
+                "can_train": cls.can_train,
                 "options": [
                     {
                         "name": o.name,
@@ -175,7 +174,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
         return 0
     for name, row in zip(method_names(), rows, strict=True):
         trains = "  (trains: takes the training flags --data, --epochs, --lr, ...)"
-        print(f"{name}{trains if row['trains'] else ''}\n  {row['doc']}")
+        can = "  (one-shot; trains, e.g. fine-tunes, when given --data, --epochs, --lr, ...)"
+        note = trains if row["trains"] else can if row["can_train"] else ""
+        print(f"{name}{note}\n  {row['doc']}")
         for o in get_method(name).config_class.options():
             usage = _flag_usage(o)
             print(f"    {usage:<34} default {o.default!s:<10} {o.doc}")

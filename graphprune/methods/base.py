@@ -14,7 +14,8 @@ benchmarks only talk to this interface and to the registry, so a new method is o
 
 Lifecycle (what ``compress`` does, and what a user's own loop does by hand):
 ``m = M(gm, config, total_iters=..., lr=...)`` runs the prepare passes on the traced ``gm``;
-a method that ``trains`` is then trained through ``m.param_groups(lr)``, ``m.after_backward()``
+a method that ``needs_training`` (it ``trains``, or ``can_train`` and was given data) is then
+trained through ``m.param_groups(lr)``, ``m.after_backward()``
 (between backward and the optimizer step) and ``m.step()`` (after it), with
 ``m.state_dict()`` saved in checkpoints; ``m.finalize()`` runs the finalize passes and returns
 the pruned GraphModule; ``m.stats()`` says what happened, as a frozen dataclass.
@@ -124,7 +125,8 @@ class Method:
 
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
-    trains: ClassVar[bool] = False  # True: compress trains through the hooks before finalize
+    trains: ClassVar[bool] = False  # True: it must train (compress trains it through the hooks)
+    can_train: ClassVar[bool] = False  # True: it trains when given training (e.g. fine-tuning)
     min_iters: ClassVar[int] = 0  # fewer training iterations are unlikely to reach the target
 
     def __init__(
@@ -145,7 +147,7 @@ class Method:
         that train size their schedules by them). ``graph``/``layer_macs`` may be passed when
         the caller already has them for ``gm``. ``verify`` checks the graph after each pass."""
         self.config = make_config(type(self), config, options)
-        if self.trains and total_iters is None:
+        if self.needs_training(self.config, has_loader=False) and total_iters is None:
             raise TypeError(
                 f"{self.name} trains: pass total_iters= (the optimizer steps you will run)"
             )
@@ -158,6 +160,13 @@ class Method:
         self.verify = verify
         self.pass_stats: dict[str, object] = {}
         self.prepare()
+
+    @classmethod
+    def needs_training(cls, config: MethodConfig, *, has_loader: bool) -> bool:
+        """Whether this method trains with ``config``: always when it ``trains`` (the config
+        may also demand it, e.g. iterative magnitude); a method that ``can_train`` also trains
+        when training data is given (``has_loader``), else it runs one-shot."""
+        return cls.trains or (cls.can_train and has_loader)
 
     @property
     def prunable_groups(self) -> list[ChannelGroup]:

@@ -29,13 +29,19 @@ from graphprune.planning.plan import (
 
 def l2_scores(gm: fx.GraphModule, graph: ChannelGraph) -> dict[int, np.ndarray]:
     """Per prunable group: for each channel, the L2 norms of its slices summed over members."""
+    return norm_scores(gm, graph, p=2)
+
+
+def norm_scores(gm: fx.GraphModule, graph: ChannelGraph, *, p: float) -> dict[int, np.ndarray]:
+    """Per prunable group: for each channel, the ``p``-norms of its slices summed over members
+    (p=1: the L1 filter norm of Li et al.; p=2: ``l2_scores``)."""
     scores = {g.id: np.zeros(g.channels) for g in graph.groups if g.prunable}
     for s in graph.sites:
         if s.role == "stat" or s.atoms.ndim != 1:
             continue
         w = get_tensor(gm, s.path).detach()
         others = tuple(d for d in range(w.dim()) if d != s.axis)
-        norms = torch.linalg.vector_norm(w, dim=others) if others else w.abs()
+        norms = torch.linalg.vector_norm(w, ord=p, dim=others) if others else w.abs()
         gids, pos = graph.positions(s.atoms)
         for gid in np.unique(gids).tolist():
             if gid in scores:
