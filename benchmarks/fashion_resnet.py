@@ -11,10 +11,7 @@ lr 0.05 (batch ``--batch``, SGD momentum 0.9, weight decay 1e-4 off norms/biases
 - graphprune ResRep, the built-in defaults (``compress(model, "resrep", ...)``, nothing else);
 - graphprune ResRep with distillation from the dense model (``distill=True``);
 - graphprune magnitude (one-shot, exact widths: ``round_to=1``) + fine-tuning;
-- Torch-Pruning 1.6 global group-L2 (ratio bisected to the MACs target) + fine-tuning;
-- every other registered method by its name, the same generic call for each:
-  ``compress(base, NAME, train_loader=..., epochs=EPOCHS, lr=LR, flops_target=target)``
-  (``magnitude`` so: masked fine-tuning of the one-shot mask, then exact removal).
+- Torch-Pruning 1.6 global group-L2 (ratio bisected to the MACs target) + fine-tuning.
 
 Any other registered graphprune method is a row by its name (``--methods chex slimming ...``):
 ``compress(base, NAME, train_loader=..., epochs=--epochs, lr=0.05, flops_target=target)``, so
@@ -48,21 +45,18 @@ from torch.utils.data import DataLoader, Subset
 import graphprune as gp
 from graphprune.apps.data import load_fashion_mnist
 from graphprune.apps.models import cifar_resnet
-from graphprune.methods import method_names
 from graphprune.training.loop import evaluate, fit
 
 DEPTHS = {"resnet20": 20, "resnet56": 56}
 TARGETS = (0.5, 0.3, 0.1, 0.02)  # MACs kept: 50 / 70 / 90 / 98% fewer
 LR = 0.05
-SPECIAL = ("resrep", "resrep+distill", "magnitude+ft", "torch-pruning+ft")
-GENERIC = tuple(n for n in method_names() if n not in SPECIAL)  # every other registered method
-METHODS = SPECIAL + GENERIC
+METHODS = ("resrep", "resrep+distill", "magnitude+ft", "torch-pruning+ft")
 LABELS = {
     "resrep": "graphprune ResRep (defaults)",
     "resrep+distill": "graphprune ResRep + distill",
     "magnitude+ft": "graphprune magnitude + fine-tune",
     "torch-pruning+ft": "Torch-Pruning group-L2 + fine-tune",
-} | {n: f"graphprune {n} (generic row)" for n in GENERIC}
+}
 
 
 def resrep_row(base, example, target, train, test, *, epochs, seed, distill) -> dict:
@@ -104,31 +98,6 @@ def magnitude_row(base, example, target, train, test, *, epochs, seed) -> dict:
     }
 
 
-def generic_row(method, base, example, target, train, test, *, epochs, seed) -> dict:
-    """Any registered method, the same call and epoch budget for each (its defaults)."""
-    torch.manual_seed(seed)
-    t = time.perf_counter()
-    result = gp.compress(
-        base,
-        method,
-        example_inputs=example,
-        flops_target=target,
-        train_loader=train,
-        epochs=epochs,
-        lr=LR,
-        val_loader=test,
-        progress=False,
-    )
-    report = result.report
-    return {
-        "macs_kept": report.macs_ratio,
-        "final_acc": evaluate(result.model, test),
-        "acc_before_finalize": report.accuracy_before_finalize,
-        "stats": report.stats_dict(),
-        "seconds": time.perf_counter() - t,
-    }
-
-
 def torch_pruning_row(base, example, target, train, test, *, epochs, seed) -> dict:
     row = peer_row(
         base,
@@ -147,10 +116,13 @@ def torch_pruning_row(base, example, target, train, test, *, epochs, seed) -> di
 
 
 def generic_row(method, base, example, target, train, test, *, epochs, seed) -> dict:
-    """A registered method by name: trained (or, one-shot, fine-tuned) for ``epochs``."""
+    """A registered method by name: trained for ``epochs`` (a method that ``can_train``, such
+    as magnitude, fine-tunes its masked model inside compress; a one-shot one is fine-tuned
+    after pruning)."""
     torch.manual_seed(seed)
     t = time.perf_counter()
-    trains = gp.methods.get_method(method).trains
+    cls = gp.methods.get_method(method)
+    trains = cls.trains or cls.can_train
     training = dict(train_loader=train, epochs=epochs, lr=LR, progress=False) if trains else {}
     result = gp.compress(
         base, method, example_inputs=example, flops_target=target, val_loader=test, **training
