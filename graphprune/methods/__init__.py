@@ -12,6 +12,7 @@ from graphprune.methods.base import (
     register_method,
     unregister_method,
 )
+from graphprune.methods.chex import Chex, ChexConfig
 from graphprune.methods.magnitude import Magnitude, MagnitudeConfig
 from graphprune.methods.resrep import ResRep, ResRepConfig
 
@@ -19,6 +20,8 @@ DEFAULT_METHOD = Magnitude.name  # what compress() and the CLI use when no metho
 
 __all__ = [
     "DEFAULT_METHOD",
+    "Chex",
+    "ChexConfig",
     "ConfigOption",
     "Magnitude",
     "MagnitudeConfig",

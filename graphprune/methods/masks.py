@@ -86,6 +86,21 @@ class ChannelMasks:
             model.set_kept(g, np.nonzero(k)[0])
         return model.macs / model.dense
 
+    def last_values(self, path: str) -> torch.Tensor:
+        """A copy of the tensor at ``path`` in which every masked channel's entries hold the
+        values ``set_keep(..., restore=True)`` would give back (the "most recent" weights of
+        masked channels, as CHEX scores regrowth candidates by them); kept entries are as
+        they are now."""
+        t = get_tensor(self.gm, path).detach().clone()
+        saved = self._saved.get(path)
+        if saved is None:
+            return t
+        masked = {g: ~k for g, k in self.keep.items()}
+        for s, idx in self._indices(masked, roles=("out", "in", "stat")):
+            if s.path == path:
+                t.index_copy_(s.axis, idx, saved.index_select(s.axis, idx))
+        return t
+
     # --- writing ------------------------------------------------------------------------
     @torch.no_grad()
     def set_keep(
