@@ -243,3 +243,27 @@ def test_last_values_are_what_a_full_restore_gives_back():
     masks.set_keep({g: np.ones(len(k), dtype=bool) for g, k in masks.keep.items()}, restore=True)
     for p in paths:
         torch.testing.assert_close(last[p], get_tensor(gm, p), rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_filters_only_masks_zero_the_filters_and_keep_the_norm_layers():
+    gm, x, graph = _traced("resnet_basic")
+    masks = ChannelMasks(gm, graph)
+    g = masks.groups[0]
+    keep = np.ones(len(masks.keep[g]), dtype=bool)
+    keep[[0, 2]] = False
+    masks.set_keep({g: keep}, filters_only=True)
+    out = [s for s in graph.sites if s.role == "out" and g in graph.positions(s.atoms)[0]]
+    dims = set()
+    for s in out:
+        gids, pos = graph.positions(s.atoms)
+        idx = torch.from_numpy(np.nonzero((gids == g) & np.isin(pos, [0, 2]))[0])
+        t = get_tensor(gm, s.path).index_select(s.axis, idx)
+        dims.add(t.dim())
+        assert (t.abs().sum() == 0) == (t.dim() >= 2), s.path  # filters zero, norms kept
+    assert dims >= {1, 4}
+    masks.apply()  # the full mask zeroes every producer entry
+    for s in out:
+        gids, pos = graph.positions(s.atoms)
+        idx = torch.from_numpy(np.nonzero((gids == g) & np.isin(pos, [0, 2]))[0])
+        assert get_tensor(gm, s.path).index_select(s.axis, idx).abs().sum() == 0

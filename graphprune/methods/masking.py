@@ -112,11 +112,13 @@ class MaskingMethod(Method):
         flops_target: float | None = None,
         *,
         restore: bool = False,
+        filters_only: bool = False,
     ) -> Selection:
         """Mask every channel the selection for ``flops_target`` drops (the others are kept,
-        restored from their saved values when ``restore``)."""
+        restored from their saved values when ``restore``; ``filters_only``: see
+        ChannelMasks.apply)."""
         sel = self.select(scores, flops_target)
-        self.masks.set_keep(sel.kept, restore=restore)
+        self.masks.set_keep(sel.kept, restore=restore, filters_only=filters_only)
         self.masked_once = True
         return sel
 

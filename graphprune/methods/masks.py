@@ -104,13 +104,17 @@ class ChannelMasks:
     # --- writing ------------------------------------------------------------------------
     @torch.no_grad()
     def set_keep(
-        self, keep: Mapping[int, np.ndarray | Iterable[int]], *, restore: bool = False
+        self,
+        keep: Mapping[int, np.ndarray | Iterable[int]],
+        *,
+        restore: bool = False,
+        filters_only: bool = False,
     ) -> tuple[int, int]:
         """New masks for the groups in ``keep`` (a boolean array per channel, or the kept
         indices); other groups keep theirs. Newly masked channels are saved, then zeroed.
         Newly kept ones get their saved values back when ``restore`` (else they start from
-        whatever they hold now: zero, or what soft masking let them learn). Returns
-        (newly masked, newly kept) channel counts."""
+        whatever they hold now: zero, or what soft masking let them learn). ``filters_only``
+        is passed to ``apply``. Returns (newly masked, newly kept) channel counts."""
         new = {g: self._as_bool(g, k) for g, k in keep.items()}
         dropped = {g: self.keep[g] & ~k for g, k in new.items()}
         regrown = {g: ~self.keep[g] & k for g, k in new.items()}
@@ -119,17 +123,22 @@ class ChannelMasks:
             self._copy(regrown, save=False)
         for g, k in new.items():
             self.keep[g] = k
-        self.apply()
+        self.apply(filters_only=filters_only)
         return (
             sum(int(d.sum()) for d in dropped.values()),
             sum(int(r.sum()) for r in regrown.values()),
         )
 
     @torch.no_grad()
-    def apply(self) -> None:
-        """Zero every producer-side entry of the masked channels."""
+    def apply(self, *, filters_only: bool = False) -> None:
+        """Zero every producer-side entry of the masked channels. ``filters_only`` zeroes only
+        the conv/linear weights (tensors of two or more dims): soft filter pruning, where a
+        masked channel keeps its norm shift and so a gradient path to come back through; it
+        is exactly zero only after a full ``apply()``."""
         for s, idx in self._indices({g: ~k for g, k in self.keep.items()}, roles=("out",)):
-            get_tensor(self.gm, s.path).index_fill_(s.axis, idx, 0.0)
+            t = get_tensor(self.gm, s.path)
+            if not filters_only or t.dim() >= 2:
+                t.index_fill_(s.axis, idx, 0.0)
 
     def zero_grads(self) -> None:
         """Zero the gradients of masked producer entries (call between backward and step when
