@@ -2,6 +2,7 @@
 on the same core (see base.py), registered by name. Importing this package registers the
 built-in ones."""
 
+from graphprune.methods import baselines  # noqa: F401  (registers slimming, fpgm, ...)
 from graphprune.methods.base import (
     ConfigOption,
     Method,
