@@ -166,3 +166,87 @@ def test_list_of_a_static_chunk_traces_plainly() -> None:
 
     gm = gp.trace(Block().eval(), (X,))
     assert sum(n.target == "chunk" for n in gm.graph.nodes) == 1
+
+
+# --- mode-dependent submodules and tensor constants (issue 8: levit, efficientformer, swin) ---
+class CachedBias(nn.Module):
+    """A bias cached in eval mode only, as timm's LeViT/EfficientFormer attention does: the
+    same values in both modes, but the eval-mode trace records the cache bookkeeping."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(channels))
+        self.mix = nn.Conv2d(channels, channels, 1)
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def biases(self, device: torch.device) -> torch.Tensor:
+        if self.training:
+            return self.bias[:, None, None]
+        key = str(device)
+        if key not in self.cache:
+            self.cache[key] = self.bias[:, None, None]
+        return self.cache[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(x) + self.biases(x.device)
+
+
+class WithCachedBias(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU())
+        self.attn = CachedBias(32)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.attn(self.b(self.a(x))).mean((2, 3)))
+
+
+def test_a_mode_dependent_submodule_is_frozen_and_the_rest_pruned() -> None:
+    torch.manual_seed(0)
+    model = WithCachedBias().eval()
+    with pytest.raises(TraceError) as err:
+        gp.trace(model, (X,))
+    assert err.value.module_path == "attn"
+    gm = trace_with_fallback(model, (X,))
+    assert list(frozen_submodules(gm)) == ["attn"]
+    assert "train and eval mode" in frozen_submodules(gm)["attn"]
+    with torch.no_grad():
+        for mode in (True, False):  # the frozen leaf runs its own forward in either mode
+            torch.testing.assert_close(gm.train(mode)(X), model.train(mode)(X))
+    model.eval()
+    result = gp.compress(model, "magnitude", example_inputs=(X,), flops_target=0.7, round_to=1)
+    assert result.model.attn.mix.weight.shape == model.attn.mix.weight.shape  # frozen
+    assert result.model.get_submodule("a.0").out_channels < 16  # the rest still pruned
+    assert result.report.macs_ratio <= 0.71
+
+
+class TableScale(nn.Module):
+    """A plain tensor attribute (not a buffer) and a tensor made in forward: fx stores both as
+    ``_tensor_constantN`` attributes of the root, numbered on by every further trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.table = torch.rand(8) + 0.5
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.drop(self.a(x)) * self.table[:, None, None]
+        return self.b(y + torch.tensor([0.25]))
+
+
+class ModeConstant(TableScale):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # a constant that differs by mode
+        return self.b(self.a(x) + torch.tensor([0.5 if self.training else 0.25]))
+
+
+def test_tensor_constants_renumbered_by_a_retrace_are_the_same_graph() -> None:
+    torch.manual_seed(0)
+    model = TableScale().eval()
+    gm = gp.trace(model, (X,))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(X), model(X))
+    with pytest.raises(TraceError, match="train and eval mode"):
+        gp.trace(ModeConstant(), (X,))  # equal names are not enough: the values must match

@@ -60,9 +60,10 @@ def bind_training_flags(
                 m.training = training
 
     ours, theirs = list(graph.nodes), flipped(False)
-    if [_key(n) for n in ours] == [_key(n) for n in theirs]:
+    rename = _align_constants(model, ours, theirs)
+    if [_key(n) for n in ours] == [_key(n, rename) for n in theirs]:
         return
-    literals = _mode_literals(ours, theirs)
+    literals = _mode_literals(ours, theirs, rename)
     if literals is None:
         _refuse(model, list(retrace(True).nodes), flipped(True))
     flag_nodes: dict[str, fx.Node] = {}
@@ -80,25 +81,58 @@ def bind_training_flags(
             node.kwargs = {**node.kwargs, where: flag_nodes[target]}
 
 
-def _key(n: fx.Node) -> tuple:
-    return (n.op, str(n.target), str(n.args), str(n.kwargs))
+# Tensors a forward creates (torch.tensor(...), a plain tensor attribute) become attributes
+# of the traced root named by a counter, so a second trace of the same model numbers them on.
+_CONSTANT = re.compile(r"_(?:tensor|param)_constant\d+")
 
 
-def _mode_literals(ours: list[fx.Node], theirs: list[fx.Node]) -> list[tuple] | None:
+def _align_constants(
+    model: nn.Module, ours: list[fx.Node], theirs: list[fx.Node]
+) -> dict[str, str]:
+    """Their constant names -> ours, pairing constants in order of appearance; only pairs
+    holding equal tensors (an unpaired or different constant stays a difference)."""
+    names = [
+        [str(n.target) for n in nodes if n.op == "get_attr" and _CONSTANT.fullmatch(str(n.target))]
+        for nodes in (ours, theirs)
+    ]
+    rename = {}
+    for a, b in zip(*names, strict=False):
+        x, y = getattr(model, a, None), getattr(model, b, None)
+        same = isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
+        if same and x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y):
+            rename[b] = a
+    return rename
+
+
+def _renamed(text: str, rename: dict[str, str] | None) -> str:
+    if not rename:
+        return text
+    return _CONSTANT.sub(lambda m: rename.get(m.group(0), m.group(0)), text)
+
+
+def _key(n: fx.Node, rename: dict[str, str] | None = None) -> tuple:
+    return tuple(_renamed(t, rename) for t in (n.op, str(n.target), str(n.args), str(n.kwargs)))
+
+
+def _mode_literals(
+    ours: list[fx.Node], theirs: list[fx.Node], rename: dict[str, str] | None = None
+) -> list[tuple] | None:
     """(node, arg index or kwarg name) of every boolean argument that is the only difference
     between the two graphs and flips with the mode; None if anything else differs."""
     if len(ours) != len(theirs):
         return None
     found = []
     for a, b in zip(ours, theirs, strict=True):
-        if (a.op, str(a.target), a.name) != (b.op, str(b.target), b.name):
+        if (a.op, str(a.target), a.name) != tuple(
+            _renamed(t, rename) for t in (b.op, str(b.target), b.name)
+        ):
             return None
         if len(a.args) != len(b.args) or a.kwargs.keys() != b.kwargs.keys():
             return None
         pairs = [(i, x, y) for i, (x, y) in enumerate(zip(a.args, b.args, strict=True))]
         pairs += [(k, a.kwargs[k], b.kwargs[k]) for k in a.kwargs]
         for where, x, y in pairs:
-            if str(x) == str(y):
+            if str(x) == _renamed(str(y), rename):
                 continue
             if not (isinstance(x, bool) and isinstance(y, bool) and x != y):
                 return None
@@ -121,10 +155,11 @@ def _owner_class(n: fx.Node) -> str:
 
 def _refuse(model: nn.Module, ours: list[fx.Node], theirs: list[fx.Node]) -> NoReturn:
     """Name the first op that differs (not a module call: those differ only as users)."""
+    rename = _align_constants(model, ours, theirs)
     i = next(
         i
         for i in range(max(len(ours), len(theirs)))
-        if i >= min(len(ours), len(theirs)) or _key(ours[i]) != _key(theirs[i])
+        if i >= min(len(ours), len(theirs)) or _key(ours[i]) != _key(theirs[i], rename)
     )
     a = ours[i] if i < len(ours) else None
     b = theirs[i] if i < len(theirs) else None
@@ -135,17 +170,20 @@ def _refuse(model: nn.Module, ours: list[fx.Node], theirs: list[fx.Node]) -> NoR
     where = _user_line(culprit.stack_trace) if culprit is not None else ""
     owner = _owner_class(culprit) if culprit is not None else ""
     modes = ("train", "eval") if model.training else ("eval", "train")
+    in_child = bool(owner) and owner != type(model).__name__
     hint = (
         f"pass leaf_modules=[{owner}] (a leaf runs its own forward in the current mode; "
         "its channels become unprunable)"
-        if owner and owner != type(model).__name__
+        if in_child
         else "move the mode-dependent code into a submodule and pass it as leaf_modules=[...]"
     )
     raise TraceError(
         f"{type(model).__name__} computes differently in train and eval mode{where}: traced "
         f"in {modes[0]} mode it runs {_fmt(a)}, in {modes[1]} mode {_fmt(b)}. A traced graph "
         f"freezes one mode, so the result would not behave like the original in both.\n"
-        f"  fix: {hint}"
+        f"  fix: {hint}",
+        # The submodule whose own code depends on the mode: frontend.fallback freezes it.
+        module_path=(_owner_path(culprit) or None) if in_child and culprit is not None else None,
     )
 
 
