@@ -18,7 +18,7 @@ from graphprune.passes import prune_channels
 from graphprune.passes.runner import verify
 from graphprune.testing.exactness import random_plan, randomize_, zero_dropped_channels
 from graphprune.testing.zoo import ZOO_INPUT_SHAPE
-from graphprune.testing.zoo_libs import ConvNeXtV2, FunctionalNorms, ViT
+from graphprune.testing.zoo_libs import ConvNeXtV2, FunctionalNorms, ResNeSt, ViT
 
 
 def _traced(model: nn.Module):
@@ -136,3 +136,29 @@ def test_attention_prunes_head_dims_in_every_head_and_q_k_v_alike(kind: str) -> 
     else:
         assert gm.get_submodule("blocks.0.attn.proj").in_features == 24
         assert gm.get_submodule("blocks.0.attn.qkv").out_features == 72
+
+
+def test_split_attention_prunes_the_same_positions_in_every_radix_split() -> None:
+    """ResNeSt's grouped conv (groups = radix) feeds a (radix, c) view: a channel is position
+    j of every split (and input position i of every conv group), so the block stays prunable
+    (whole groups would collapse it into one channel) and the conv keeps its groups."""
+    torch.manual_seed(0)
+    gm, graph = _traced(randomize_(ResNeSt()))
+    splits = _group_with(graph, "splat.conv.weight[0]")
+    reduce = _group_with(graph, "reduce.0.weight[0]")
+    assert splits.prunable and splits.exact and splits.channels == 8
+    assert {m.name: m.size for m in splits.members}["splat.conv.weight[0]"] == 16
+    assert reduce.prunable and reduce.exact and reduce.channels == 4  # 8 inputs / 2 groups
+    assert {m.name: m.size for m in reduce.members}["splat.conv.weight[1]"] == 4
+    x = torch.randn(2, *ZOO_INPUT_SHAPE[1:])
+    plan = {splits.id: [1, 2, 4, 7], reduce.id: [0, 3]}
+    zero_dropped_channels(gm, graph, plan)
+    with torch.no_grad():
+        zeroed = gm(x)
+        prune_channels(gm, plan=plan, round_to=1)
+        verify(gm)
+        torch.testing.assert_close(gm(x), zeroed, atol=1e-5, rtol=1e-5)
+    conv = gm.get_submodule("splat.conv")
+    assert (conv.groups, conv.in_channels, conv.out_channels) == (2, 4, 8)
+    assert tuple(conv.weight.shape) == (8, 2, 3, 3)
+    assert gm.get_submodule("splat.fc2").out_channels == 8

@@ -233,6 +233,50 @@ class SKNet(nn.Module):
         return self.head(torch.relu(x + self.conv(self.sk(x))))
 
 
+class SplitAttention(nn.Module):
+    """ResNeSt/timm split attention: one conv with groups = radix makes ``radix`` splits of
+    ``c`` channels, viewed as (B, radix, c, H, W); their sum is squeezed to per-split weights
+    (a softmax over the radix, per channel) that mix the splits back into ``c`` channels."""
+
+    def __init__(self, cin: int, c: int, radix: int = 2, reduced: int = 8) -> None:
+        super().__init__()
+        self.radix = radix
+        self.conv = nn.Conv2d(cin, c * radix, 3, padding=1, groups=radix, bias=False)
+        self.bn0 = nn.BatchNorm2d(c * radix)
+        self.act0 = nn.ReLU()
+        self.fc1 = nn.Conv2d(c, reduced, 1)
+        self.bn1 = nn.BatchNorm2d(reduced)
+        self.fc2 = nn.Conv2d(reduced, c * radix, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.act0(self.bn0(self.conv(x)))
+        B, RC, H, W = x.shape
+        x = x.reshape((B, self.radix, RC // self.radix, H, W))
+        gap = x.sum(dim=1).mean((2, 3), keepdim=True)
+        attn = self.fc2(F.relu(self.bn1(self.fc1(gap))))
+        attn = attn.view(B, 1, self.radix, -1).transpose(1, 2)
+        attn = F.softmax(attn, dim=1).reshape(B, -1).view(B, -1, 1, 1)
+        return (x * attn.reshape((B, self.radix, RC // self.radix, 1, 1))).sum(dim=1)
+
+
+class ResNeSt(nn.Module):
+    """Stem, a bottleneck whose 3x3 is split attention (radix 2), a residual, head."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = cbr(3, 16, stride=2)
+        self.reduce = cbr(16, 8, 1)
+        self.splat = SplitAttention(8, 8)
+        self.bn = nn.BatchNorm2d(8)
+        self.expand = cb(8, 16, 1)
+        self.head = Head(16, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        y = self.expand(torch.relu(self.bn(self.splat(self.reduce(x)))))
+        return self.head(torch.relu(x + y))
+
+
 LIB_ZOO = {
     "functional_norms": FunctionalNorms,
     "vit": ViT,
@@ -240,4 +284,5 @@ LIB_ZOO = {
     "vit_levit_split": lambda: ViT(kind="split", norm=False),
     "convnextv2_grn": ConvNeXtV2,
     "selective_kernel": SKNet,
+    "split_attention": ResNeSt,
 }

@@ -7,6 +7,8 @@ prune_channels; each shrink function only makes the module's attributes agree.
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from graphprune.analysis.atoms import ChannelError, TensorChannels
@@ -16,8 +18,17 @@ from graphprune.analysis.rules import Shrink, _shape, _tc, register
 
 # --- layers that create channels --------------------------------------------------------------
 def _shrink_conv(s: Shrink, node: fx.Node, m: nn.modules.conv._ConvNd) -> None:
-    """in/out channels and groups from the sliced weight (a depthwise conv stays depthwise)."""
+    """in/out channels and groups from the sliced weight (a depthwise conv stays depthwise).
+
+    A grouped conv loses whole groups, or (``_groups_split_later``) the same positions in
+    every group, when no group's outputs all go: then the groups count stays."""
     w = m.weight.shape
+    out = s.value(node)
+    if m.groups > 1 and not m.transposed and isinstance(out, TensorChannels) and out.dims:
+        gone = s.removed[out.atoms].reshape(m.groups, -1)
+        if not gone.all(axis=1).any():
+            m.in_channels, m.out_channels = w[1] * m.groups, w[0]
+            return
     if m.transposed:
         m.groups = m.groups * w[0] // m.in_channels if m.groups > 1 else 1
         m.in_channels, m.out_channels = w[0], w[1] * m.groups
@@ -50,6 +61,14 @@ def _conv(b: Builder, node: fx.Node, m: nn.Module) -> TensorChannels:
             b.site(f"{t}.weight", in_axis, x_atoms, "in")
         b.site(f"{t}.weight", out_axis, out, "out")
         b.mac_layers.append(_mac(t, x_atoms, out))
+    elif x_atoms is not None and not transposed and _groups_split_later(node, g, cout):
+        # Positions within groups are the unit: position j of every group goes together, on
+        # the input side and on the output side (each side its own classes).
+        b.uf.tie_rows(x_atoms.reshape(g, -1).T)
+        b.uf.tie_rows(out.reshape(g, -1).T)
+        b.site(f"{t}.weight", 1, x_atoms.reshape(g, -1)[0], "in")
+        b.site(f"{t}.weight", 0, out, "out")
+        b.mac_layers.append(_mac(t, x_atoms, out))
     else:
         # Whole conv groups are the unit: tie each group's input and output channels.
         if x_atoms is None:
@@ -61,6 +80,37 @@ def _conv(b: Builder, node: fx.Node, m: nn.Module) -> TensorChannels:
     if m.bias is not None:
         b.site(f"{t}.bias", 0, out, "out")
     return TensorChannels((1,), out)
+
+
+# Ops between a grouped conv and a view of its groups that keep every channel where it is.
+_SAME_PLACE = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Identity)
+_SAME_PLACE += (nn.Hardswish, nn.LeakyReLU, nn.Dropout, nn.Dropout2d)
+_SAME_PLACE_FN = {F.relu, torch.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.dropout, "relu"}
+
+
+def _groups_split_later(node: fx.Node, groups: int, cout: int) -> bool:
+    """True when the conv's output, through norms and activations, is viewed as
+    (batch, groups, cout // groups, ...): a split-attention (radix) block or a channel
+    shuffle. That view ties position j across the groups, so whole groups could never go;
+    pruning the same positions in every group instead is also exact and keeps the block
+    prunable. A choice between two exact partitions: correctness does not depend on it."""
+    frontier, seen = [node], 0
+    while frontier and seen < 16:
+        n = frontier.pop()
+        seen += 1
+        for user in n.users:
+            if user.op == "call_method" and user.target in ("view", "reshape"):
+                shape = _shape(user)
+                if len(shape) > 2 and tuple(shape[1:3]) == (groups, cout // groups):
+                    return True
+            elif user.args[:1] != (n,):
+                continue
+            elif user.op == "call_module":
+                if isinstance(user.graph.owning_module.get_submodule(user.target), _SAME_PLACE):
+                    frontier.append(user)
+            elif user.op in ("call_function", "call_method") and user.target in _SAME_PLACE_FN:
+                frontier.append(user)
+    return False
 
 
 def _consumes(b: Builder, node: fx.Node, x: TensorChannels) -> None:
