@@ -17,12 +17,17 @@ class InputError(GraphpruneError, ValueError):
 class TraceError(GraphpruneError):
     """torch.fx could not trace the model (data-dependent control flow, unsupported Python).
 
-    ``module_path`` names the innermost submodule whose forward failed, when known.
+    ``module_path`` names the innermost submodule whose forward failed, when known;
+    ``mode_dependent`` says its code differs between train and eval mode (so every module of
+    its class does, and may be kept as a leaf together).
     """
 
-    def __init__(self, message: str = "", *, module_path: str | None = None) -> None:
+    def __init__(
+        self, message: str = "", *, module_path: str | None = None, mode_dependent: bool = False
+    ) -> None:
         super().__init__(message)
         self.module_path = module_path
+        self.mode_dependent = mode_dependent
 
 
 class UnsupportedOpError(GraphpruneError):

@@ -250,3 +250,58 @@ def test_tensor_constants_renumbered_by_a_retrace_are_the_same_graph() -> None:
         torch.testing.assert_close(gm(X), model(X))
     with pytest.raises(TraceError, match="train and eval mode"):
         gp.trace(ModeConstant(), (X,))  # equal names are not enough: the values must match
+
+
+def _drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    if p == 0.0 or not training:  # timm's drop_path: a branch on the flag, not an argument
+        return x
+    keep = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class DropPath(nn.Module):
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _drop_path(x, self.p, self.training)
+
+
+class DropBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.inner = nn.Sequential(nn.Conv2d(c, 2 * c, 1), nn.ReLU(), nn.Conv2d(2 * c, c, 1))
+        self.drop = DropPath(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(self.inner(x))
+
+
+class WithDropPath(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.b1, self.b2 = DropBlock(16), DropBlock(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.b2(self.b1(self.stem(x))).mean((2, 3)))
+
+
+def test_every_module_of_a_mode_dependent_class_is_frozen_not_its_callers() -> None:
+    """The op only train mode runs sits in DropPath (through a function), the op only eval
+    mode runs (the residual add) in the block: DropPath is frozen, both instances at once,
+    and the blocks' hidden channels stay prunable."""
+    torch.manual_seed(0)
+    model = WithDropPath().eval()
+    gm = trace_with_fallback(model, (X,))
+    assert list(frozen_submodules(gm)) == ["b1.drop"]
+    assert "every DropPath kept as a leaf (2 modules)" in frozen_submodules(gm)["b1.drop"]
+    assert {n.target for n in gm.graph.nodes if n.op == "call_module"} >= {"b1.drop", "b2.drop"}
+    with torch.no_grad():
+        torch.testing.assert_close(gm(X), model(X))
+    result = gp.compress(model, "magnitude", example_inputs=(X,), flops_target=0.6, round_to=1)
+    assert result.model.get_submodule("b1.inner.0").out_channels < 32
+    assert result.model.get_submodule("stem").out_channels == 16  # read by the frozen leaves
+    assert result.report.macs_ratio <= 0.61

@@ -9,7 +9,10 @@ rules block an op they cannot see into), everything else is analyzed and pruned 
 It repeats up to ``max_frozen`` times, since freezing one module can expose the next
 (a parent that branches on its child's output shape). A model whose own ``forward`` takes
 ``*args``/``**kwargs`` (fx would iterate a Proxy) is traced through a wrapper that passes the
-example inputs positionally, and the wrapper is stripped from the result.
+example inputs positionally, and the wrapper is stripped from the result. A submodule whose
+code differs between train and eval mode (``frontend.modes``) is frozen the same way, with
+every other module of its class in the same retrace (a DropPath in each of a transformer's
+blocks).
 
 Invariant: a frozen submodule's weights are never sliced, so its forward runs unchanged on
 inputs of the shapes it was traced with. The frozen modules and the reason each was frozen
@@ -46,6 +49,7 @@ def trace_with_fallback(
     example_inputs = as_inputs(example_inputs)
     leaf_modules = tuple(leaf_modules)
     frozen: dict[str, str] = {}
+    mode_types: list[type[nn.Module]] = []  # classes whose code depends on the mode
     wrap = False
     while True:
         try:
@@ -54,13 +58,16 @@ def trace_with_fallback(
                 gm = trace(
                     _positional(model, len(example_inputs)),
                     example_inputs,
-                    leaf_modules=leaf_modules,
+                    leaf_modules=(*leaf_modules, *mode_types),
                     leaf_names=names,
                 )
                 gm = _unwrap(gm, type(model).__name__)
             else:
                 gm = trace(
-                    model, example_inputs, leaf_modules=leaf_modules, leaf_names=tuple(frozen)
+                    model,
+                    example_inputs,
+                    leaf_modules=(*leaf_modules, *mode_types),
+                    leaf_names=tuple(frozen),
                 )
         except TraceError as exc:
             path = exc.module_path
@@ -74,6 +81,14 @@ def trace_with_fallback(
                     note = ", ".join(frozen)
                     raise TraceError(f"{exc}\n  (after freezing {note})", module_path=path) from exc
                 raise
+            if exc.mode_dependent:
+                # The same class runs the same code: freeze all its modules in one retrace.
+                cls = type(model.get_submodule(path))
+                same = [n for n, m in model.named_modules() if type(m) is cls]
+                mode_types.append(cls)
+                others = f"; every {cls.__name__} kept as a leaf ({len(same)} modules)"
+                frozen[path] = _first_line(exc) + (others if len(same) > 1 else "")
+                continue
             frozen[path] = _first_line(exc)
             continue
         gm.meta[FROZEN] = dict(frozen)

@@ -163,10 +163,10 @@ def _refuse(model: nn.Module, ours: list[fx.Node], theirs: list[fx.Node]) -> NoR
     )
     a = ours[i] if i < len(ours) else None
     b = theirs[i] if i < len(theirs) else None
-    culprit = next(
-        (n for n in (a, b) if n is not None and n.op in ("call_function", "call_method")),
-        a or b,
-    )
+    # The op in the innermost module: code that only one mode runs (a DropPath's sampling)
+    # shows as a node of that module in one graph and as its caller's next op in the other.
+    ops = [n for n in (a, b) if n is not None and n.op in ("call_function", "call_method")]
+    culprit = max(ops, key=_depth) if ops else (a or b)
     where = _user_line(culprit.stack_trace) if culprit is not None else ""
     owner = _owner_class(culprit) if culprit is not None else ""
     modes = ("train", "eval") if model.training else ("eval", "train")
@@ -184,7 +184,12 @@ def _refuse(model: nn.Module, ours: list[fx.Node], theirs: list[fx.Node]) -> NoR
         f"  fix: {hint}",
         # The submodule whose own code depends on the mode: frontend.fallback freezes it.
         module_path=(_owner_path(culprit) or None) if in_child and culprit is not None else None,
+        mode_dependent=True,
     )
+
+
+def _depth(n: fx.Node) -> int:
+    return len(n.meta.get("nn_module_stack") or {})
 
 
 def _fmt(n: fx.Node | None) -> str:
