@@ -119,8 +119,6 @@ def compress(
     pruned = m.finalize(verify=verify)
     pruned.eval()
     after = count_macs(pruned, example_inputs_of(gm))
-    # Never a silent shortfall: PlanError, or a warning after training (see check_reached).
-    check_reached(config.flops_target, dense, after, graph, frozen, trained=trains)
     report = build_report(
         method=cls.name,
         config=config.to_dict(),
@@ -134,6 +132,17 @@ def compress(
         accuracy_after_finalize=evaluate(pruned, val) if val is not None else None,
         stats=m.stats(),
         frozen_submodules=frozen,
+    )
+    # Never a silent shortfall: PlanError, or after training a TargetMissedError that carries
+    # the trained model and this report (see check_reached).
+    check_reached(
+        config.flops_target,
+        dense,
+        after,
+        graph,
+        frozen,
+        trained=trains,
+        result=CompressionResult(pruned, report),
     )
     return CompressionResult(pruned, report)
 

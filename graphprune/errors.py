@@ -42,6 +42,17 @@ class PlanError(GraphpruneError, ValueError):
     """A pruning plan or a compression target cannot be applied to the model's channel groups."""
 
 
+class TargetMissedError(PlanError):
+    """A method that trained ended above its MACs target (its masked channels did not decay in
+    the budget). The trained and pruned work is not thrown away: ``result`` holds the
+    CompressionResult (model and report, whose ``macs_ratio`` states what was reached), so a
+    caller can keep it, fine-tune it further, or prune the rest with another method."""
+
+    def __init__(self, message: str, *, result: object = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
 class BackendUnavailableError(GraphpruneError):
     """An optional backend (tensorrt, CUDA) is not installed or not usable here."""
 

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from graphprune import compress
-from graphprune.errors import TrainingError
+from graphprune.errors import TargetMissedError, TrainingError
 from graphprune.training.loop import CHECKPOINT, fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -193,8 +193,12 @@ def test_resume_with_another_flops_target_is_an_error(tmp_path) -> None:
     assert "resume='force'" in msg
     assert "fit." not in msg  # only what differs is listed
     _resrep(tmp_path, 0.7, resume=True)  # the same run resumes (here: nothing left to train)
+    # forced: it continues with a warning; the masks trained for 0.7 then miss 0.3, which is
+    # an error that carries the trained model
     with pytest.warns(UserWarning, match="flops_target: 0.7 -> 0.3"):
-        _resrep(tmp_path, 0.3, resume="force")
+        with pytest.raises(TargetMissedError) as missed:
+            _resrep(tmp_path, 0.3, resume="force")
+    assert missed.value.result.report.macs_ratio > 0.3
 
 
 def test_resume_with_other_loop_settings_lists_each_difference(tmp_path) -> None:

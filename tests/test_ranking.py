@@ -34,23 +34,10 @@ from graphprune.planning.ranking import (
     taylor_saliency,
 )
 from graphprune.planning.selection import walk
+from graphprune.testing.zoo import tiny_cnn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DIGITS = (1, 1, 8, 8)
-
-
-def tiny_cnn(c1: int = 16, c2: int = 32) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(1, c1, 3, padding=1, bias=False),
-        nn.BatchNorm2d(c1),
-        nn.ReLU(),
-        nn.Conv2d(c1, c2, 3, padding=1, bias=False),
-        nn.BatchNorm2d(c2),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(c2, 10),
-    )
 
 
 def resnet20():

@@ -29,7 +29,7 @@ from graphprune.passes.compactor import Compactor
 from graphprune.passes.runner import run_passes
 from graphprune.planning.plan import keep_every_member_alive
 from graphprune.testing.exactness import randomize_
-from graphprune.testing.zoo import ZOO, ZOO_INPUT_SHAPE, ConvNeXt, ShuffleNet
+from graphprune.testing.zoo import ZOO, ZOO_INPUT_SHAPE, ConvNeXt, ShuffleNet, tiny_cnn
 from graphprune.training.loop import evaluate, fit
 
 NAMES = sorted(ZOO)
@@ -37,21 +37,6 @@ DIGITS = (1, 1, 8, 8)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_cnn(c1: int = 16, c2: int = 32) -> nn.Sequential:
-    """Two conv-BN-ReLU layers on 1x8x8 digits, pooled into a linear classifier."""
-    return nn.Sequential(
-        nn.Conv2d(1, c1, 3, padding=1, bias=False),
-        nn.BatchNorm2d(c1),
-        nn.ReLU(),
-        nn.Conv2d(c1, c2, 3, padding=1, bias=False),
-        nn.BatchNorm2d(c2),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(c2, 10),
-    )
 
 
 def schedule(**over: float) -> ResRepSchedule:

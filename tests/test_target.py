@@ -15,7 +15,7 @@ from torch import nn
 
 import graphprune as gp
 from graphprune.analysis import build_channel_graph
-from graphprune.errors import PlanError
+from graphprune.errors import PlanError, TargetMissedError
 from graphprune.planning.macs import UNATTRIBUTED, MacsReport
 from graphprune.planning.selection import (
     MacsModel,
@@ -160,10 +160,50 @@ def test_every_zoo_model_reaches_half_or_refuses(name: str) -> None:
     assert np.isclose(result.report.macs_ratio, _ratio(model, result.model, x))
 
 
-def test_a_trained_methods_shortfall_is_a_warning_that_says_why() -> None:
+def test_a_trained_methods_shortfall_is_an_error_that_keeps_the_trained_model() -> None:
     torch.manual_seed(0)
     gm = gp.trace(SplitHeavy(), (X,))
     graph = build_channel_graph(gm)
     dense = MacsReport(macs=1000, params=0, per_layer={"heavy": 1000})
-    with pytest.warns(UserWarning, match="keeps 0.700 .* train longer"):
-        assert check_reached(0.5, dense, MacsReport(700, 0, {}), graph, trained=True) == 0.7
+    kept = object()
+    with pytest.raises(TargetMissedError, match="keeps 0.700 .* train longer") as info:
+        check_reached(0.5, dense, MacsReport(700, 0, {}), graph, trained=True, result=kept)
+    assert info.value.result is kept
+    assert isinstance(info.value, PlanError)  # callers catching PlanError still catch it
+    assert check_reached(0.5, dense, MacsReport(505, 0, {}), graph, trained=True) == 0.505
+
+
+def test_compress_raises_a_resrep_shortfall_with_the_trained_model_attached() -> None:
+    """ResRep trained too briefly for its masked rows to decay (a schedule that masks at the
+    last iteration): compress raises, and the error holds a working pruned model and a report
+    stating the reached ratio."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from graphprune.methods.resrep import ResRepConfig, ResRepSchedule
+
+    torch.manual_seed(0)
+    model = ZOO["resnet_basic"]()
+    x = torch.randn(ZOO_INPUT_SHAPE)
+    data = TensorDataset(torch.randn(32, *ZOO_INPUT_SHAPE[1:]), torch.randint(0, 10, (32,)))
+    late = ResRepSchedule(  # masks at iteration 3 of 4: rows have one step to decay
+        warmup_iters=3,
+        mask_interval=1,
+        channels_per_update=10_000,
+        penalty=1e-4,
+        masked_penalty=1e-4,
+        compactor_momentum=0.9,
+        mask_until=4,
+    )
+    with pytest.warns(UserWarning, match="still above fold_threshold"):
+        with pytest.raises(TargetMissedError) as info:
+            gp.compress(
+                model,
+                ResRepConfig(flops_target=0.5, schedule=late),
+                example_inputs=(x,),
+                train_loader=DataLoader(data, batch_size=8),
+                epochs=1,
+                progress=False,
+            )
+    result = info.value.result
+    assert result.report.macs_ratio > 0.5 + TOLERANCE
+    assert result.model(x).shape == model(x).shape

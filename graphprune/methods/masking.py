@@ -29,8 +29,8 @@ from graphprune.passes.runner import Pass
 from graphprune.planning.ranking import (
     DEFAULT_MIN_KEEP_FRACTION,
     Selection,
-    choose_rounding,
-    guard_floors,
+    check_keep_fraction,
+    floors_and_rounding,
     select_kept,
 )
 
@@ -45,11 +45,7 @@ class MaskingConfig(MethodConfig):
     )
 
     def validate(self) -> None:
-        if not 0.0 <= self.min_keep_fraction < 1.0:
-            raise ValueError(
-                f"min_keep_fraction={self.min_keep_fraction}: must be in [0, 1) "
-                "(0.1 keeps a tenth of every group; 0 allows one channel)"
-            )
+        check_keep_fraction(self.min_keep_fraction)
 
 
 class MaskingMethod(Method):
@@ -67,14 +63,13 @@ class MaskingMethod(Method):
 
             raise PlanError(f"{self.name}: the model has no prunable, exact channel group")
         self.iteration = 0
-        channels = {g: self.graph.groups[g].channels for g in self.masks.groups}
-        self.floors = guard_floors(channels, self.config.min_keep_fraction)
-        self.rounding = choose_rounding(
+        self.floors, self.rounding = floors_and_rounding(
             self.graph,
             self.layer_macs,
-            self.floors,
-            self.config.flops_target,
-            self.round_to,
+            self.masks.groups,
+            flops_target=self.config.flops_target,
+            round_to=self.round_to,
+            min_keep_fraction=self.config.min_keep_fraction,
             who=self.name,
         )
         self.masked_once = False

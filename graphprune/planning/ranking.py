@@ -108,13 +108,18 @@ def per_mac(scores: Mapping[int, np.ndarray], costs: Mapping[int, float]) -> dic
     }
 
 
-def guard_floors(channels: Mapping[int, int], fraction: float) -> dict[int, int]:
-    """The fewest channels each group may keep: ``ceil(fraction x width)``, at least 1."""
+def check_keep_fraction(fraction: float) -> None:
+    """ValueError unless ``min_keep_fraction`` is in [0, 1)."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(
             f"min_keep_fraction={fraction}: must be in [0, 1) (0.1 keeps at least a tenth of "
             "every group; 0 allows one channel)"
         )
+
+
+def guard_floors(channels: Mapping[int, int], fraction: float) -> dict[int, int]:
+    """The fewest channels each group may keep: ``ceil(fraction x width)``, at least 1."""
+    check_keep_fraction(fraction)
     return {g: max(1, int(np.ceil(fraction * n - 1e-9))) for g, n in channels.items()}
 
 
@@ -190,6 +195,23 @@ def choose_rounding(
         fix="lower min_keep_fraction",
         limits=blockers(graph, layer_macs),
     )
+
+
+def floors_and_rounding(
+    graph: ChannelGraph,
+    layer_macs: Mapping[str, int],
+    groups: Iterable[int],
+    *,
+    flops_target: float,
+    round_to: int,
+    min_keep_fraction: float,
+    who: str = "",
+) -> tuple[dict[int, int], Rounding]:
+    """What every selection of a method is bound by: each group's floor (``guard_floors``)
+    and the coarsest rounding that can still reach the target (``choose_rounding``)."""
+    floors = guard_floors({g: graph.groups[g].channels for g in groups}, min_keep_fraction)
+    rounding = choose_rounding(graph, layer_macs, floors, flops_target, round_to, who=who)
+    return floors, rounding
 
 
 @dataclass(frozen=True, slots=True)

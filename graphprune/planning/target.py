@@ -9,14 +9,13 @@ no group touches, frozen submodules) that every refusal prints.
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter
 from collections.abc import Mapping
 
 import numpy as np
 
 from graphprune.analysis import ChannelGraph
-from graphprune.errors import PlanError
+from graphprune.errors import PlanError, TargetMissedError
 from graphprune.planning.macs import MacsReport
 
 TOLERANCE = 0.01  # a reached ratio may exceed the target by this much
@@ -71,18 +70,21 @@ def check_reached(
     frozen: Mapping[str, str] | None = None,
     *,
     trained: bool = False,
+    result: object = None,
 ) -> float:
-    """The measured ratio, or PlanError when it exceeds the target by more than TOLERANCE.
+    """The measured ratio, or an error when it exceeds the target by more than TOLERANCE.
 
-    A method that trained (ResRep) can end short when training stops before its masked
-    channels decay; raising would throw the trained model away, so that shortfall is a
-    warning with the same explanation, and the report's ``macs_ratio`` states it.
+    One-shot methods raise PlanError (the planner and the measurement disagree). A method
+    that trained can end short when training stops before its masked channels decay; that is
+    a TargetMissedError carrying ``result`` (the trained, pruned model and its report), so
+    the error never throws the training away.
     """
     ratio = pruned.macs / dense.macs
     if ratio > flops_target + TOLERANCE:
         why = (
             "training ended before the masked channels decayed below the folding threshold "
-            "(see the report's stats); train longer or with a larger lr"
+            "(see the report's stats); train longer or with a larger lr. The trained, pruned "
+            "model is in this error's .result"
             if trained
             else "the planner's MACs model and the pruned model disagree; please report this "
             "with the model"
@@ -93,7 +95,6 @@ def check_reached(
             f"{TOLERANCE}: {why}. What limits pruning:{blockers(graph, dense.per_layer, frozen)}"
         )
         if trained:
-            warnings.warn(msg, stacklevel=3)
-        else:
-            raise PlanError(msg)
+            raise TargetMissedError(msg, result=result)
+        raise PlanError(msg)
     return ratio

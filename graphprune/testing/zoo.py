@@ -376,6 +376,24 @@ class UnknownOp(nn.Module):
         return self.head(self.conv2(torch.cumsum(self.conv1(x), dim=1)))
 
 
+def tiny_cnn(
+    c1: int = 16, c2: int = 32, *, in_channels: int = 1, classes: int = 10
+) -> nn.Sequential:
+    """Two conv-BN-ReLU layers pooled into a linear classifier (the tests' smallest trainable
+    CNN; 1x8x8 digits by default)."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, c1, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c1),
+        nn.ReLU(),
+        nn.Conv2d(c1, c2, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(c2, classes),
+    )
+
+
 ZOO: dict[str, Callable[[], nn.Module]] = {
     "resnet_basic": ResNetBasic,
     "resnet_bottleneck": ResNetBottleneck,

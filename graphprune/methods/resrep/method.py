@@ -50,8 +50,8 @@ from graphprune.passes.runner import Pass
 from graphprune.planning.ranking import (
     DEFAULT_MIN_KEEP_FRACTION,
     channel_costs,
-    choose_rounding,
-    guard_floors,
+    check_keep_fraction,
+    floors_and_rounding,
     normalized_prior,
     per_mac,
     producer_mean,
@@ -99,11 +99,7 @@ class ResRepConfig(MethodConfig):
     def validate(self) -> None:
         if not self.fold_threshold >= 0:
             raise ValueError(f"fold_threshold={self.fold_threshold}: must be >= 0")
-        if not 0.0 <= self.min_keep_fraction < 1.0:
-            raise ValueError(
-                f"min_keep_fraction={self.min_keep_fraction}: must be in [0, 1) "
-                "(0.1 keeps a tenth of every group; 0 allows one channel)"
-            )
+        check_keep_fraction(self.min_keep_fraction)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,14 +133,14 @@ class ResRep(Method):
             raise PlanError("ResRep found no group it can prune (no dense Conv2d producers)")
         self.groups = sorted({c.group for c in self.compactors})
         channels = {g: self.graph.groups[g].channels for g in self.groups}
-        self.floors = guard_floors(channels, self.config.min_keep_fraction)
         self.costs = channel_costs(self.graph, self.layer_macs, self.groups)
-        self.rounding = choose_rounding(
+        self.floors, self.rounding = floors_and_rounding(
             self.graph,
             self.layer_macs,
-            self.floors,
-            self.config.flops_target,
-            self.round_to,
+            self.groups,
+            flops_target=self.config.flops_target,
+            round_to=self.round_to,
+            min_keep_fraction=self.config.min_keep_fraction,
             who="ResRep",
         )
         self.final_rounding = self.rounding
