@@ -27,6 +27,7 @@ torch.set_num_threads(1)
 
 # --- magnitude ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("p", [1, 2])
+@torch.no_grad()
 def test_norm_scores_by_hand(p: int) -> None:
     gm, _ = small_net()
     graph = build_channel_graph(gm)

@@ -61,8 +61,7 @@ class MagnitudeStats:
 
 @register_method
 class Magnitude(MaskingMethod):
-    """Rank channels by weight norm, prune globally to the MACs target (one-shot, fine-tuned,
-    or iterative)."""
+    """Group weight norms, pruned globally to the target: one-shot, fine-tuned or iterative."""
 
     name = "magnitude"
     config_class = MagnitudeConfig
