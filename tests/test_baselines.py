@@ -8,17 +8,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
+import graphprune
 from graphprune.methods import get_method
 from graphprune.testing.method_runs import (
     batches,
     check_compress,
     check_resume_gives_the_same_masks,
     check_trains_to_target_exactly,
+    loader,
     make_method,
     small_net,
     train,
 )
+from graphprune.testing.zoo import ZOO, ZOO_INPUT_SHAPE
 
 torch.set_num_threads(1)
 
@@ -225,3 +229,37 @@ def test_resume_mid_schedule_gives_the_same_masks(name, stop, options) -> None:
 )
 def test_baseline_through_compress(name, model) -> None:
     check_compress(name, model, 0.5)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("name", "options"), [("hrank", {"rank_inputs": 40}), ("taylor", {"score_fraction": 0.75})]
+)
+def test_compress_resumed_from_a_mid_scoring_checkpoint_ends_the_same(
+    name, options, tmp_path
+) -> None:
+    """The built-in trainer's checkpoints carry the scoring state: a run stopped at iteration
+    5 (checkpoint at 3, before the cut) and resumed ends like the uninterrupted run."""
+    torch.manual_seed(0)
+    net = ZOO["resnet_basic"]()
+    x = torch.randn(ZOO_INPUT_SHAPE)
+    kw = dict(example_inputs=(x,), flops_target=0.5, train_loader=loader(), epochs=2)
+    kw |= dict(progress=False, checkpoint_every=3, **options)
+    whole = graphprune.compress(net, name, **kw)
+    calls = []
+
+    def stop_at_five(out, y):
+        calls.append(1)
+        if len(calls) == 5:
+            raise _Interrupted
+        return nn.functional.cross_entropy(out, y)
+
+    with pytest.raises(_Interrupted):
+        graphprune.compress(net, name, checkpoint_dir=tmp_path, loss_fn=stop_at_five, **kw)
+    resumed = graphprune.compress(net, name, checkpoint_dir=tmp_path, resume=True, **kw)
+    assert resumed.report.widths == whole.report.widths
+    with torch.no_grad():
+        torch.testing.assert_close(resumed.model.eval()(x), whole.model.eval()(x))
