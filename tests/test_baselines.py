@@ -56,6 +56,24 @@ def test_slimming_adds_the_l1_subgradient_to_norm_scales() -> None:
     assert all(v.abs().sum() == 0 for v in _grads_after_backward(m, x).values())
 
 
+def test_the_default_strength_gives_the_same_total_pull_in_any_budget() -> None:
+    m, x, _ = _on_small_net("slimming")  # no lr known: the paper's strength
+    assert m.strength_used == 1e-4
+    for name in ("slimming", "polarization"):
+        gm, x = small_net()
+        m = get_method(name)(gm, flops_target=0.5, round_to=1, total_iters=100, lr=0.05, pull=0.2)
+        assert m.cut_iteration() == 40  # sparsity_fraction 0.4 of 100 steps
+        assert m.strength_used == pytest.approx(0.2 / (40 * 0.05))  # pull / (steps x lr)
+    with torch.no_grad():
+        m.model.get_submodule("1").weight.copy_(torch.tensor([0.5, -2.0, 0.1, 3.0]))
+    added = _grads_after_backward(m, x)["1.weight"]
+    by_hand = 1.4 * torch.tensor([1.0, -1.0, 1.0, 1.0]) - torch.tensor([1.0, -1.0, -1.0, 1.0])
+    torch.testing.assert_close(added, 0.1 * by_hand)
+    gm, _ = small_net()
+    given = get_method("slimming")(gm, total_iters=100, lr=0.05, sparsity=3e-4)
+    assert given.strength_used == 3e-4
+
+
 def test_polarization_gradient_matches_autograd_and_is_added() -> None:
     from graphprune.methods.baselines.slimming import polarization_grad
 
@@ -113,7 +131,7 @@ def test_fpgm_distances_are_the_explicit_pairwise_sums() -> None:
 
 
 def test_fpgm_soft_masks_train_and_are_rechosen_each_epoch() -> None:
-    m, _ = make_method("fpgm", "resnet_basic", 0.5)
+    m, _ = make_method("fpgm", "resnet_basic", 0.5, soft_fraction=1.0)  # soft to the end
     data = batches()
     train(m, data[:4])  # one epoch: the first choice at its end
     assert m.remasks == 1 and m.masks.masked() > 0
@@ -126,7 +144,52 @@ def test_fpgm_soft_masks_train_and_are_rechosen_each_epoch() -> None:
         moved += float(w.movedim(r.axis, 0)[masked].abs().sum())
     assert moved > 0
     train(m, data[5:])
-    assert m.remasks == 2
+    assert m.remasks == 2 and m.last_mask == 8  # at the end: the last choice, made hard
+
+
+def test_fpgm_clips_masked_filter_gradients_to_the_kept_ones() -> None:
+    m, x = make_method("fpgm", "resnet_basic", 0.5, soft_fraction=1.0)
+    m.remask()
+    m.model.train()
+    xb, yb = batches(1)[0]
+    m.model.zero_grad()
+    nn.functional.cross_entropy(m.model(xb), yb).backward()
+    raw = {r.path: m.model.get_parameter(r.path).grad.clone() for r in m.rows}
+    m.after_backward()
+    clipped = 0
+    for r in m.rows:
+        keep = m.masks.keep[r.gid][r.pos]
+        if keep.all():
+            continue
+        after = m.model.get_parameter(r.path).grad.index_select(r.axis, r.index).movedim(r.axis, 0)
+        before = raw[r.path].index_select(r.axis, r.index).movedim(r.axis, 0)
+        norms = before.reshape(len(keep), -1).norm(dim=1)
+        cap = float(norms[torch.from_numpy(keep)].mean())
+        for j, kept in enumerate(keep):
+            if kept:
+                torch.testing.assert_close(after[j], before[j], rtol=0, atol=0)
+            else:
+                expected = before[j] * min(1.0, cap / max(float(norms[j]), 1e-30))
+                torch.testing.assert_close(after[j], expected)
+                clipped += float(norms[j]) > cap
+    assert clipped > 0  # a zeroed filter's gradient is blown up by its zero-variance norm
+
+
+def test_fpgm_ends_its_soft_phase_with_hard_masks_and_fine_tunes() -> None:
+    m, _ = make_method("fpgm", "resnet_basic", 0.5, soft_fraction=0.5)
+    assert m.soft_end() == 4
+    train(m, batches())
+    assert m.hardened and m.remasks == 1 and m.last_mask == 4
+    for r in m.masks._sites:  # hard: every producer entry of a masked channel is zero
+        if r.role != "out":
+            continue
+        dropped = np.zeros(len(r.gids), dtype=bool)
+        for g, k in m.masks.keep.items():
+            dropped |= (r.gids == g) & ~k[np.minimum(r.pos, len(k) - 1)]
+        t = m.model.get_parameter(r.path) if "running" not in r.path else None
+        if t is not None and dropped.any():
+            idx = torch.from_numpy(np.nonzero(dropped)[0])
+            assert t.detach().index_select(r.axis, idx).abs().sum() == 0
 
 
 def test_hrank_ranks_are_the_per_map_matrix_ranks() -> None:
@@ -208,7 +271,8 @@ def test_method_trains_to_the_target_exactly(name, model, target, options) -> No
     [
         ("slimming", 2, {}),
         ("polarization", 4, {}),
-        ("fpgm", 5, {}),
+        ("fpgm", 5, {"soft_fraction": 1.0}),
+        ("fpgm", 6, {}),
         ("hrank", 1, {"rank_inputs": 16}),
         ("taylor", 2, {"score_fraction": 0.5}),
     ],

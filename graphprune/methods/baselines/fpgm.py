@@ -1,6 +1,9 @@
 """FPGM (He et al. 2019): prune the filters nearest the geometric median of their layer, with
 soft filter pruning: re-masked on a schedule (once per epoch by default) while the masked
 filters keep training, so a wrongly pruned filter can come back; hard removal at the end.
+For short budgets the soft phase ends at ``soft_fraction`` of training (default half): the
+masks are chosen a last time, made hard, and the rest fine-tunes (``soft_fraction=1``: soft to
+the end, the paper's protocol, which leaves no training after the last choice).
 
 Soft masks zero only the filters (conv/linear weights: ``filters_only``): the channel's norm
 scale and shift stay, as in the paper, so a masked filter still gets a gradient (with its
@@ -22,7 +25,12 @@ import numpy as np
 import torch
 
 from graphprune.methods.base import option, register_method
-from graphprune.methods.baselines.common import member_mean, producer_rows, with_fallback
+from graphprune.methods.baselines.common import (
+    member_mean,
+    phase_end,
+    producer_rows,
+    with_fallback,
+)
 from graphprune.methods.masking import MaskingConfig, MaskingMethod
 from graphprune.passes.runner import Pass
 
@@ -40,11 +48,21 @@ class FPGMConfig(MaskingConfig):
     remask_every: int = option(
         0, "iterations between re-masks; 0: once per epoch (a tenth of training if unknown)"
     )
+    soft_fraction: float = option(
+        0.5,
+        "share of training with soft masks; then the masks are chosen a last time, made hard "
+        "and the rest fine-tunes (1: soft to the end, as the paper)",
+    )
 
     def validate(self) -> None:
         MaskingConfig.validate(self)
         if self.remask_every < 0:
             raise ValueError(f"remask_every={self.remask_every}: iterations, >= 0 (0: per epoch)")
+        if not 0.0 < self.soft_fraction <= 1.0:
+            raise ValueError(
+                f"soft_fraction={self.soft_fraction}: must be in (0, 1]; 1 keeps soft masks to "
+                "the end (the paper), less leaves the rest for fine-tuning with hard masks"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +74,7 @@ class FPGMStats:
 
 @register_method
 class FPGM(MaskingMethod):
-    """FPGM: filters nearest their layer's geometric median go; soft masks re-chosen per epoch."""
+    """FPGM: filters nearest their layer's geometric median go; soft masks, then fine-tuning."""
 
     name = "fpgm"
     config_class = FPGMConfig
@@ -69,6 +87,32 @@ class FPGM(MaskingMethod):
         self.rows = [r for r in producer_rows(self.model, self.graph, groups) if r.ndim >= 2]
         self.remasks = 0
         self.last_mask = -1
+        self.hardened = False
+
+    @torch.no_grad()
+    def after_backward(self) -> None:
+        """Clip each masked filter's gradient to the mean gradient norm of its tensor's kept
+        filters. A zeroed filter feeds its norm layer a zero-variance channel, which scales
+        that filter's gradient by about std/sqrt(eps) (10^3 to 10^4 measured on ResNet-20):
+        unclipped, the first step after a mask throws the filter, and with momentum the whole
+        network, far off (Fashion-MNIST ResNet-20 went to chance). Clipped, masked filters
+        still train, at the pace of the kept ones."""
+        if not self.masked_once or self.hardened:
+            return
+        for r in self.rows:
+            keep = torch.from_numpy(self.masks.keep[r.gid][r.pos])
+            if keep.all() or not keep.any():
+                continue
+            p = self.model.get_parameter(r.path)
+            if p.grad is None:
+                continue
+            g = p.grad.index_select(r.axis, r.index).movedim(r.axis, 0)
+            norms = g.reshape(len(r.pos), -1).norm(dim=1)
+            cap = norms[keep].mean()
+            scale = torch.where(keep, 1.0, (cap / norms.clamp_min(1e-30)).clamp(max=1.0))
+            shape = [-1] + [1] * (g.dim() - 1)
+            clipped = (g * scale.to(g.dtype).reshape(shape)).movedim(0, r.axis)
+            p.grad.index_copy_(r.axis, r.index, clipped)
 
     def period(self) -> int:
         if self.config.remask_every:
@@ -77,9 +121,26 @@ class FPGM(MaskingMethod):
             return self.iters_per_epoch
         return max(1, (self.total_iters or 10) // 10)
 
+    def soft_end(self) -> int:
+        """The iteration of the last (hard) choice."""
+        if self.config.soft_fraction >= 1.0:
+            return self.total_iters or 0
+        return phase_end(self, self.config.soft_fraction)
+
     def on_step(self) -> None:
-        if self.iteration % self.period() == 0 or self.iteration == self.total_iters:
+        if self.hardened:
+            return
+        if self.iteration >= self.soft_end():
             self.remask()
+            self.harden()
+        elif self.iteration % self.period() == 0:
+            self.remask()
+
+    def harden(self) -> None:
+        """From now on the masks are hard: every producer entry zeroed after each step."""
+        self.hardened = True
+        self.hard_masks = True
+        self.masks.apply()
 
     def remask(self) -> None:
         """Choose the masks from the current weights (masked filters trained since the last
@@ -100,14 +161,16 @@ class FPGM(MaskingMethod):
         return with_fallback(self, scores, covered)
 
     def extra_state(self) -> dict:
-        return {"remasks": self.remasks, "last_mask": self.last_mask}
+        return {"remasks": self.remasks, "last_mask": self.last_mask, "hardened": self.hardened}
 
     def load_extra_state(self, state) -> None:
         self.remasks, self.last_mask = int(state["remasks"]), int(state["last_mask"])
+        if state["hardened"]:
+            self.harden()
 
     def finalize_passes(self) -> list[Pass]:
-        """Hard removal: the masks chosen last (re-chosen now if the filters trained since)."""
-        if self.masked_once and self.last_mask != self.iteration:
+        """Hard removal: the masks chosen last (re-chosen now if soft filters trained since)."""
+        if self.masked_once and not self.hardened and self.last_mask != self.iteration:
             self.remask()
         return super().finalize_passes()
 

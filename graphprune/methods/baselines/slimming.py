@@ -3,6 +3,9 @@ regularizer on the norm scales (gamma) while training, then one global cut by |g
 masked fine-tuning and exact removal.
 
 - **slimming** adds ``s * sign(gamma)`` to each gamma's gradient (the L1 subgradient).
+  The papers train 160 epochs; for short budgets the default strength comes from the
+  budget instead: ``pull / (sparsity-phase steps x lr)``, the same total pull in any length
+  of training (a given ``sparsity``/``strength`` is used as is).
 - **polarization** adds ``lambda * dR/dgamma`` for R(v) = t·||v||_1 − ||v − mean(v)||_1 per
   norm layer and group (v: that layer's gammas of that group): the first term pulls every
   scale to 0, the second pushes scales away from their mean, so scales split into a cluster at
@@ -43,28 +46,42 @@ def polarization_grad(v: torch.Tensor, t: float) -> torch.Tensor:
     return t * torch.sign(v) - d + d.mean()
 
 
+PULL_DOC = (
+    "with a strength of 0: the total pull on each scale over the sparsity phase "
+    "(strength x phase steps x lr; the paper's runs: about 0.03 ResNet, 0.3 VGG)"
+)
+PAPER_STRENGTH = 1e-4  # when the strength is 0 and no lr is known (a user's loop without lr=)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SlimmingConfig(MaskingConfig):
-    """The L1 strength and the length of the sparsity phase."""
+    """The L1 strength (or the pull it comes from) and the length of the sparsity phase."""
 
     sparsity: float = option(
-        1e-4,
-        "s: the L1 subgradient s·sign(gamma) added to norm scales (paper: 1e-4 VGG, 1e-5 ResNet)",
+        0.0,
+        "s in s·sign(gamma) on norm scales (paper: 1e-4 VGG, 1e-5 ResNet over 160 epochs); "
+        "0: from the budget, s = pull / (phase steps x lr)",
     )
+    pull: float = option(0.1, PULL_DOC)
     sparsity_fraction: float = option(
         0.4, "share of training with the regularizer; then the cut and masked fine-tuning"
     )
 
     def validate(self) -> None:
         MaskingConfig.validate(self)
-        _check_phase(self.sparsity, self.sparsity_fraction)
+        _check_phase(self.sparsity, self.pull, self.sparsity_fraction)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PolarizationConfig(MaskingConfig):
-    """The regularizer's strength and t, and the length of the sparsity phase."""
+    """The regularizer's strength (or the pull it comes from), t, the sparsity phase."""
 
-    strength: float = option(1e-4, "lambda: the regularizer's weight (paper: 8e-5 on ResNet-50)")
+    strength: float = option(
+        0.0,
+        "lambda: the regularizer's weight (paper: 8e-5 ResNet-50); 0: from the budget, "
+        "lambda = pull / (phase steps x lr)",
+    )
+    pull: float = option(0.1, PULL_DOC)
     t: float = option(1.4, "t in t·||g||_1 − ||g − mean(g)||_1; above 1 pulls toward 0 overall")
     sparsity_fraction: float = option(
         0.4, "share of training with the regularizer; then the cut and masked fine-tuning"
@@ -72,14 +89,16 @@ class PolarizationConfig(MaskingConfig):
 
     def validate(self) -> None:
         MaskingConfig.validate(self)
-        _check_phase(self.strength, self.sparsity_fraction)
+        _check_phase(self.strength, self.pull, self.sparsity_fraction)
         if self.t <= 0:
             raise ValueError(f"t={self.t}: must be > 0 (1.2 to 1.6 in the paper)")
 
 
-def _check_phase(strength: float, fraction: float) -> None:
+def _check_phase(strength: float, pull: float, fraction: float) -> None:
     if strength < 0:
-        raise ValueError(f"strength {strength}: must be >= 0")
+        raise ValueError(f"strength {strength}: must be >= 0 (0: from the budget and pull)")
+    if pull <= 0:
+        raise ValueError(f"pull={pull}: must be > 0 (0.1 by default)")
     if not 0.0 < fraction < 1.0:
         raise ValueError(
             f"sparsity_fraction={fraction}: must be in (0, 1), the share of training before "
@@ -89,6 +108,7 @@ def _check_phase(strength: float, fraction: float) -> None:
 
 @dataclass(frozen=True, slots=True)
 class ScaleCutStats:
+    strength: float  # the regularizer's weight used (given, or from the budget and pull)
     cut_at: int | None  # the iteration of the cut (None: cut at finalize, training too short)
     masked_channels: int
     groups_without_norm: int  # ranked by weight magnitude instead
@@ -107,6 +127,15 @@ class _ScaleCut(CutOnce):
 
     def scale_grad(self, v: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def strength(self, given: float) -> float:
+        """``given``, or when it is 0 the budget's: pull / (sparsity-phase steps x lr), so a
+        short run regularizes as much in total as a long one (the paper's 1e-4 without lr)."""
+        if given > 0:
+            return given
+        if not self.lr:
+            return PAPER_STRENGTH
+        return self.config.pull / (self.cut_iteration() * self.lr)
 
     @torch.no_grad()
     def after_backward(self) -> None:
@@ -129,6 +158,7 @@ class _ScaleCut(CutOnce):
     def stats(self) -> ScaleCutStats:
         removed = (self.pass_stats.get("prune_channels") or {}).get("removed_channels", 0)
         return ScaleCutStats(
+            strength=self.strength_used,
             cut_at=getattr(self, "cut_at", None),
             masked_channels=self.masks.masked(),
             groups_without_norm=len(set(self.masks.groups) - {r.gid for r in self.rows}),
@@ -144,8 +174,12 @@ class Slimming(_ScaleCut):
     config_class = SlimmingConfig
     config: SlimmingConfig
 
+    @property
+    def strength_used(self) -> float:
+        return self.strength(self.config.sparsity)
+
     def scale_grad(self, v: torch.Tensor) -> torch.Tensor:
-        return self.config.sparsity * l1_grad(v)
+        return self.strength_used * l1_grad(v)
 
 
 @register_method
@@ -156,5 +190,9 @@ class Polarization(_ScaleCut):
     config_class = PolarizationConfig
     config: PolarizationConfig
 
+    @property
+    def strength_used(self) -> float:
+        return self.strength(self.config.strength)
+
     def scale_grad(self, v: torch.Tensor) -> torch.Tensor:
-        return self.config.strength * polarization_grad(v, self.config.t)
+        return self.strength_used * polarization_grad(v, self.config.t)
