@@ -14,6 +14,7 @@ from graphprune.methods.base import (
     unregister_method,
 )
 from graphprune.methods.chex import Chex, ChexConfig
+from graphprune.methods.gsm import GSM, GSMConfig
 from graphprune.methods.magnitude import Magnitude, MagnitudeConfig
 from graphprune.methods.resrep import ResRep, ResRepConfig
 
@@ -23,7 +24,9 @@ __all__ = [
     "DEFAULT_METHOD",
     "Chex",
     "ChexConfig",
+    "GSM",
     "ConfigOption",
+    "GSMConfig",
     "Magnitude",
     "MagnitudeConfig",
     "Method",

@@ -143,10 +143,41 @@ class ChannelMasks:
     def zero_grads(self) -> None:
         """Zero the gradients of masked producer entries (call between backward and step when
         momentum or weight decay must not move them; ``apply`` alone re-zeroes the weights)."""
-        for s, idx in self._indices({g: ~k for g, k in self.keep.items()}, roles=("out",)):
+        self.replace_grads({g: ~k for g, k in self.keep.items()})
+
+    @torch.no_grad()
+    def replace_grads(self, channels: Mapping[int, np.ndarray], decay: float = 0.0) -> None:
+        """Replace the gradient of the producer entries of ``channels`` (group id -> boolean
+        per channel) by ``decay`` x their values: the task gradient is dropped and only the
+        decay moves them (GSM's non-selected channels; ``decay=0`` freezes them)."""
+        for s, idx in self._indices(channels, roles=("out",)):
             t = get_tensor(self.gm, s.path)
-            if t.grad is not None:
+            if t.grad is None:
+                continue
+            if decay:
+                t.grad.index_copy_(s.axis, idx, decay * t.detach().index_select(s.axis, idx))
+            else:
                 t.grad.index_fill_(s.axis, idx, 0.0)
+
+    @torch.no_grad()
+    def producer_dots(self) -> dict[int, np.ndarray]:
+        """Per group, Σ w·∂L/∂w over each channel's producer entries (every "out" site: all
+        producers, biases and norm affine parameters of the group). Zeroing a channel zeroes
+        all of them at once, so -this is the first-order loss change of masking it.
+        Entries without a gradient contribute 0."""
+        sums = {g: np.zeros(len(k)) for g, k in self.keep.items()}
+        for s in self._sites:
+            t = get_tensor(self.gm, s.path)
+            if s.role != "out" or t.grad is None:
+                continue
+            dims = [d for d in range(t.dim()) if d != s.axis]
+            dots = (t.detach() * t.grad).sum(dim=dims) if dims else t.detach() * t.grad
+            dots = dots.double().cpu().numpy()
+            for g, total in sums.items():
+                in_g = s.gids == g
+                if in_g.any():
+                    np.add.at(total, s.pos[in_g], dots[in_g])
+        return sums
 
     # --- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict:
