@@ -56,6 +56,7 @@ LABELS = {
     "resrep+distill": "graphprune ResRep + distill",
     "magnitude+ft": "graphprune magnitude + fine-tune",
     "torch-pruning+ft": "Torch-Pruning group-L2 + fine-tune",
+    "gsm": "graphprune GSM, structured (defaults)",
 }
 
 
