@@ -57,6 +57,7 @@ LABELS = {
     "magnitude+ft": "graphprune magnitude + fine-tune",
     "torch-pruning+ft": "Torch-Pruning group-L2 + fine-tune",
     "gsm": "graphprune GSM, structured (defaults)",
+    "csgd": "graphprune C-SGD (defaults)",
 }
 
 

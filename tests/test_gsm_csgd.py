@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import graphprune
+from graphprune.analysis import build_channel_graph
 from graphprune.frontend.params import get_tensor
 from graphprune.frontend.trace import trace
 from graphprune.methods.gsm import GSM
@@ -168,22 +169,30 @@ def test_gsm_through_compress_reaches_the_target_and_equals_the_masked_model(nam
         torch.testing.assert_close(result.model(x), seen["masked"], atol=1e-5, rtol=1e-5)
 
 
-def test_gsm_resume_mid_schedule_gives_the_same_state():
+@pytest.mark.parametrize(
+    ("method", "opts"),
+    [
+        ("gsm", dict(flops_target=0.5, total_iters=10, freeze_at=0.7, reselect_every=2)),
+        ("csgd", dict(flops_target=0.5, total_iters=10)),
+    ],
+)
+def test_resume_mid_schedule_gives_the_same_state(method, opts):
+    cls = graphprune.methods.get_method(method)
     torch.manual_seed(0)
     x = torch.randn(ZOO_INPUT_SHAPE)
     base = ZOO["resnet_basic"]()
     loader = _loader()
-    opts = dict(flops_target=0.5, total_iters=10, freeze_at=0.7, reselect_every=2)
 
-    whole = GSM(trace(copy.deepcopy(base), (x,)), **opts)
+    whole = cls(trace(copy.deepcopy(base), (x,)), **opts)
     _train(whole, loader, 10, x)
-    assert whole.masked_once and whole.schedule.freeze_iter == 7
 
-    first = GSM(trace(copy.deepcopy(base), (x,)), **opts)
-    opt = _train(first, loader, 5, x)  # stop before the freeze
+    first = cls(trace(copy.deepcopy(base), (x,)), **opts)
+    opt = _train(first, loader, 5, x)  # stop mid-schedule (before GSM's freeze at 7)
     state = {"model": copy.deepcopy(first.model.state_dict()), "opt": opt.state_dict(),
-             "method": first.state_dict()}  # fmt: skip
-    resumed = GSM(trace(copy.deepcopy(base), (x,)), **opts)
+             "method": copy.deepcopy(first.state_dict())}  # fmt: skip
+    torch.manual_seed(1)  # a resumed run does not depend on the RNG for its schedule
+    other = ZOO["resnet_basic"]()
+    resumed = cls(trace(other, (x,)), **opts)
     resumed.model.load_state_dict(state["model"])
     resumed.load_state_dict(state["method"])
     opt2 = torch.optim.SGD(resumed.param_groups(0.05), lr=0.05, momentum=0.9)
@@ -200,10 +209,22 @@ def test_gsm_resume_mid_schedule_gives_the_same_state():
     for (n, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values(),
                          strict=True):  # fmt: skip
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
-    assert resumed.selections == whole.selections
-    for g in whole.masks.groups:
-        assert np.array_equal(whole.masks.keep[g], resumed.masks.keep[g])
-        np.testing.assert_array_equal(whole.saliency[g], resumed.saliency[g])
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert a["iteration"] == b["iteration"] == 10
+    if method == "gsm":
+        assert whole.masked_once and whole.schedule.freeze_iter == 7
+        assert resumed.selections == whole.selections
+        for g in whole.masks.groups:
+            assert np.array_equal(whole.masks.keep[g], resumed.masks.keep[g])
+            np.testing.assert_array_equal(whole.saliency[g], resumed.saliency[g])
+    else:
+        assert whole.labels.keys() == resumed.labels.keys() and whole.labels
+        for g in whole.labels:
+            np.testing.assert_array_equal(whole.labels[g], resumed.labels[g])
+    with torch.no_grad():
+        whole.model.eval()
+        resumed.model.eval()
+        torch.testing.assert_close(whole.finalize()(x), resumed.finalize()(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(("total", "lr"), [(300, 0.05), (1000, 0.05), (3000, 0.1), (40, 0.05)])
@@ -230,3 +251,199 @@ def test_gsm_adaptive_decay_takes_an_unselected_weight_to_a_percent_by_the_freez
         assert trace_w[-1] <= 0.0101
     else:
         assert s.decay * lr == pytest.approx((1 - 0.9**0.5) ** 2)
+
+
+# --- C-SGD ----------------------------------------------------------------------------------
+MERGE_MODELS = ["resnet_basic", "mobilenet_v2_block", "densenet", "se", "fpn", "inception",
+                "efficientnet", "regnet", "vgg", "convnext", "yolo", "shufflenet"]  # fmt: skip
+
+
+def _make_identical(gm, graph, clusters):
+    """Copy each cluster's first member's producer and statistic entries onto the others."""
+    with torch.no_grad():
+        for s in graph.sites:
+            if s.role not in ("out", "stat"):
+                continue
+            gids, pos = graph.positions(s.atoms.reshape(-1))
+            t = get_tensor(gm, s.path)
+            for g, cl in clusters.items():
+                for members in cl:
+                    src = torch.from_numpy(np.nonzero((gids == g) & (pos == members[0]))[0])
+                    for c in members[1:]:
+                        dst = torch.from_numpy(np.nonzero((gids == g) & (pos == c))[0])
+                        t.index_copy_(s.axis, dst, t.index_select(s.axis, src))
+
+
+def _random_clusters(graph, groups, rng):
+    out = {}
+    for g in groups:
+        n = graph.groups[g].channels
+        order = rng.permutation(n)
+        k = max(1, n // 3)
+        out[g] = [np.sort(part) for part in np.array_split(order, k)]
+    return out
+
+
+@pytest.mark.parametrize("name", MERGE_MODELS)
+def test_merging_identical_channels_is_exact(name):
+    from graphprune.passes import merge_channels, mergeable_groups, prune_channels
+    from graphprune.passes.runner import PlanError
+
+    torch.manual_seed(0)
+    model = randomize_(ZOO[name]().eval(), 0)
+    x = torch.randn(2, *ZOO_INPUT_SHAPE[1:])
+    gm = trace(model, (x[:1],))
+    graph = build_channel_graph(gm)
+    ok = [g for g, why in mergeable_groups(gm, graph).items()
+          if why is None and graph.groups[g].channels > 1]  # fmt: skip
+    assert ok, mergeable_groups(gm, graph)
+    clusters = _random_clusters(graph, ok, np.random.default_rng(0))
+    with pytest.raises(PlanError, match="not identical"):  # random weights: members differ
+        merge_channels(gm, clusters=clusters)
+    _make_identical(gm, graph, clusters)
+    with torch.no_grad():
+        before = gm(x)
+    params = sum(p.numel() for p in gm.parameters())
+    merge_channels(gm, clusters=clusters)
+    plan = {g: np.array([c[0] for c in cl]) for g, cl in clusters.items()}
+    prune_channels(gm, plan=plan, round_to=1)
+    assert sum(p.numel() for p in gm.parameters()) < params
+    with torch.no_grad():
+        after = gm(x)
+    torch.testing.assert_close(after, before, atol=1e-4 * float(before.abs().max()), rtol=1e-4)
+
+
+class ChannelSum(nn.Module):
+    """conv -> relu, then both a conv and a sum over the channels read it: the sum counts
+    every copy, so merging copies would change it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        y = self.b(h) + h.sum(1, keepdim=True)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+
+def test_groups_whose_channels_are_mixed_are_not_merged():
+    from graphprune.passes import merge_channels, mergeable_groups
+    from graphprune.passes.runner import PlanError
+
+    x = torch.randn(1, 3, 8, 8)
+    gm = trace(ChannelSum(), (x,))
+    graph = build_channel_graph(gm)
+    why = mergeable_groups(gm, graph)
+    mixed = next(g for g in why if graph.groups[g].channels == 8)
+    assert graph.groups[mixed].prunable and graph.groups[mixed].exact
+    assert "sum" in why[mixed]
+    with pytest.raises(PlanError, match="cannot be merged exactly"):
+        merge_channels(gm, clusters={mixed: [[0, 1]]})
+
+
+def test_centripetal_gradient_matches_the_hand_formula():
+    from graphprune.methods.csgd import CSGD
+
+    torch.manual_seed(0)
+    model = randomize_(OneGroup(), 0)
+    x = torch.randn(8, 3, 8, 8)
+    y = torch.randint(0, 10, (8,))
+    m = CSGD(trace(model, (x[:1],)), flops_target=0.5, round_to=1, min_keep_fraction=0.0,
+             centripetal=0.2, total_iters=10)  # fmt: skip
+    (g,) = m.masks.groups
+    labels = np.array([0, 1, 0, 2, 2, 3, 1, 2])  # clusters {0,2}, {1,6}, {3,4,7}, {5}
+    m.set_clusters({g: labels})
+    m.model.train()
+    nn.functional.cross_entropy(m.model(x), y).backward()
+    params = dict(m.model.named_parameters())
+    task = {n: p.grad.clone() for n, p in params.items()}
+    m.after_backward()
+    for n in ("conv.weight", "conv.bias", "bn.weight", "bn.bias"):
+        w = params[n].detach()
+        for c in range(8):
+            members = np.nonzero(labels == labels[c])[0]
+            mean_grad = sum(task[n][j] for j in members) / len(members)
+            mean_w = sum(w[j] for j in members) / len(members)
+            expected = mean_grad + 0.2 * (w[c] - mean_w)
+            torch.testing.assert_close(params[n].grad[c], expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(params["fc.weight"].grad, task["fc.weight"], rtol=0, atol=0)
+
+
+def test_kmeans_finds_separated_clusters_and_uses_every_label():
+    from graphprune.methods.csgd import cluster_channels
+
+    rng = np.random.default_rng(0)
+    centers = np.array([[5.0, 0.0], [0.0, 5.0], [-5.0, -5.0]])
+    truth = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 2])
+    vectors = centers[truth] + 0.1 * rng.standard_normal((10, 2))
+    labels = cluster_channels(vectors, 3)
+    for c in range(3):  # the same partition, whatever the label names
+        assert len(set(labels[truth == c].tolist())) == 1
+    assert len(set(labels.tolist())) == 3
+    same = np.zeros((6, 2))  # identical points: k-means alone would leave clusters empty
+    assert sorted(set(cluster_channels(same, 4).tolist())) == [0, 1, 2, 3]
+    even = cluster_channels(np.arange(6.0)[:, None], 3, "even")
+    assert even.tolist() == [2, 2, 1, 1, 0, 0]  # by norm, largest first
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "mobilenet_v2_block", "densenet", "fpn"])
+def test_csgd_through_compress_reaches_the_target_and_equals_the_averaged_model(name, monkeypatch):
+    from graphprune.methods.csgd import CSGD
+
+    torch.manual_seed(0)
+    model = ZOO[name]()
+    x = torch.randn(ZOO_INPUT_SHAPE)
+    seen = {}
+    average = CSGD.average_clusters
+
+    def spy(self):  # the averaged (identical clusters) model, before merging
+        residual = average(self)
+        with torch.no_grad():
+            seen["averaged"] = self.model(x)
+        seen["training"] = self.model.training
+        return residual
+
+    monkeypatch.setattr(CSGD, "average_clusters", spy)
+    result = graphprune.compress(model, "csgd", example_inputs=(x,), flops_target=0.5,
+                                 train_loader=_loader(), epochs=3, progress=False)  # fmt: skip
+    assert 0.49 <= result.report.macs_ratio <= 0.5 + 1e-9
+    dense = count_macs(trace(model, (x,)), (x,)).macs
+    assert count_macs(result.model, (x,)).macs / dense == pytest.approx(result.report.macs_ratio)
+    assert seen["training"] is False and result.report.stats.merged_channels > 0
+    with torch.no_grad():
+        out = result.model(x)
+    torch.testing.assert_close(out, seen["averaged"], atol=1e-5 * float(out.abs().max()), rtol=1e-4)
+
+
+def test_csgd_keeps_groups_it_cannot_merge_whole():
+    """yolo's C2f split sends one group down two paths: select never narrows it (its floor
+    is its width) and it gets no clusters."""
+    from graphprune.methods.csgd import CSGD
+
+    torch.manual_seed(0)
+    x = torch.randn(ZOO_INPUT_SHAPE)
+    m = CSGD(trace(ZOO["yolo"](), (x,)), flops_target=0.6, total_iters=10)
+    assert m.unmergeable and all("different paths" in why for why in m.unmergeable.values())
+    kept = m.select(m.scores()).kept
+    for g in m.unmergeable:
+        assert g not in m.labels
+        assert len(kept[g]) == m.graph.groups[g].channels == m.floors[g]
+    assert m.labels  # the others are clustered
+
+
+@pytest.mark.parametrize(
+    ("model", "target"), [("resnet_bottleneck", 0.4), ("efficientnet", 0.4), ("vgg", 0.5)]
+)
+def test_gsm_passes_the_checks_every_masking_method_passes(model, target):
+    from graphprune.testing.method_runs import check_trains_to_target_exactly
+
+    check_trains_to_target_exactly("gsm", model, target)
+
+
+def test_gsm_resume_through_the_shared_check():
+    from graphprune.testing.method_runs import check_resume_gives_the_same_masks
+
+    check_resume_gives_the_same_masks("gsm", "resnet_basic", 4, freeze_at=0.75)

@@ -14,6 +14,7 @@ from graphprune.methods.base import (
     unregister_method,
 )
 from graphprune.methods.chex import Chex, ChexConfig
+from graphprune.methods.csgd import CSGD, CSGDConfig
 from graphprune.methods.gsm import GSM, GSMConfig
 from graphprune.methods.magnitude import Magnitude, MagnitudeConfig
 from graphprune.methods.resrep import ResRep, ResRepConfig
@@ -21,10 +22,12 @@ from graphprune.methods.resrep import ResRep, ResRepConfig
 DEFAULT_METHOD = Magnitude.name  # what compress() and the CLI use when no method is named
 
 __all__ = [
+    "CSGD",
     "DEFAULT_METHOD",
     "Chex",
     "ChexConfig",
     "GSM",
+    "CSGDConfig",
     "ConfigOption",
     "GSMConfig",
     "Magnitude",

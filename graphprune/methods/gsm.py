@@ -24,9 +24,10 @@ iterations that decay would move them by a percent. So:
   before the freeze (cosine lr), so ``d = max(1e-4, DECAY_NATS·(1-μ) / Σ_{t<freeze} lr_t)``,
   capped at critical damping, ``lr·d <= (1-√μ)²`` (0.0026 at μ = 0.9): beyond it the weight
   oscillates around zero and shrinks no faster than about √μ per step. Simulated under the
-  optimizer (``unselected_norm``, lr 0.05 cosine): 1% is reached from about 300 iterations
-  on (0.8% at 300, 0.8% at 1000); on shorter budgets the decay sits at the cap and leaves
-  more (27% at 100, 69% at 40), which the freeze's masks then zero (the last 10% recovers).
+  optimizer (methods/decay.py ``decayed_norm``, lr 0.05 cosine): 1% is reached from about
+  300 iterations on (0.8% at 300, 0.8% at 1000); on shorter budgets the decay sits at the
+  cap and leaves more (27% at 100, 69% at 40), which the freeze's masks then zero (the last
+  10% recovers).
 - ``freeze_at`` 0.9: the last 10% fine-tunes with hard masks, so the small jump of zeroing
   channels that decayed to 1% is recovered before finalize.
 - ``reselect_every``: about 200 selections over the budget (every iteration on budgets of
@@ -44,13 +45,12 @@ import numpy as np
 import torch
 
 from graphprune.methods.base import option, register_method
+from graphprune.methods.decay import fitted_decay
 from graphprune.methods.masking import MaskingConfig, MaskingMethod
 from graphprune.planning.ranking import channel_costs, per_mac, taylor_saliency
-from graphprune.training.loop import cosine_lr
 
 DECAY_NATS = math.log(100.0)  # an always-unselected channel falls to 1% of its norm by the freeze
 PAPER_DECAY = 1e-4
-ASSUMED_MOMENTUM = 0.9  # compress trains with SGD momentum 0.9 (fit's default)
 SELECTIONS = 200  # about this many re-selections over a budget
 
 
@@ -99,24 +99,11 @@ class GSMSchedule:
         freeze = min(total, max(1, round(config.freeze_at * total)))
         decay = config.decay
         if decay is None:
-            lrs = [cosine_lr(lr, t, total) for t in range(freeze)]
-            moved = sum(lrs) / (1 - ASSUMED_MOMENTUM)
-            critical = (1 - math.sqrt(ASSUMED_MOMENTUM)) ** 2 / lr
-            decay = min(max(PAPER_DECAY, DECAY_NATS / max(moved, 1e-12)), critical)
+            decay = fitted_decay(total, lr, freeze, nats=DECAY_NATS, floor=PAPER_DECAY)
         every = config.reselect_every
         if every is None:
             every = max(1, total // SELECTIONS)
         return GSMSchedule(decay=float(decay), freeze_iter=freeze, reselect_every=every)
-
-
-def unselected_norm(decay: float, lrs: list[float], momentum: float = ASSUMED_MOMENTUM) -> float:
-    """|w| after SGD with ``momentum`` at the learning rates ``lrs`` on a weight that starts at
-    1 and whose gradient is only ``decay·w`` (a channel never selected)."""
-    w, v = 1.0, 0.0
-    for lr in lrs:
-        v = momentum * v + decay * w
-        w -= lr * v
-    return abs(w)
 
 
 @dataclass(frozen=True, slots=True)
