@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from graphprune.errors import TraceError
 from graphprune.frontend import meta
+from graphprune.frontend.attention import split_multihead_attention
 from graphprune.frontend.functions import functions_as_leaves
 from graphprune.frontend.inputs import (
     check_example_inputs,
@@ -118,6 +119,7 @@ def trace(
     check_model_matches_inputs(model, example_inputs)
     warn_nonfinite(model)
     model = copy.deepcopy(model)
+    split_multihead_attention(model, keep=tuple(leaf_modules))
     tracer = _LeafTracer(tuple(leaf_modules), frozenset(leaf_names))
     graph = _trace_graph(tracer, model)
 
