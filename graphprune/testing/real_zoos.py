@@ -163,6 +163,7 @@ torchvision/efficientnet_b0 torchvision/googlenet torchvision/mnasnet0_5 torchvi
 torchvision/mobilenet_v3_small ultralytics/yolov8n segmentation/lraspp_mobilenet_v3_large
 segmentation/unet timm/convnextv2_atto timm/mixer_s16_224 timm/mobilenetv3_large_100
 timm/vit_tiny_patch16_224 timm/levit_128s timm/efficientformer_l1 timm/swin_tiny_patch4_window7_224
+torchvision/shufflenet_v2_x1_0 torchvision/swin_t
 """.split()
 )
 
