@@ -96,3 +96,23 @@ def test_a_masked_call_runs_torchs_function_and_is_not_guessed() -> None:
 def test_leaf_multihead_attention_is_kept_as_torchs_module() -> None:
     gm = gp.trace(TinyViT().eval(), (X,), leaf_modules=[nn.MultiheadAttention])
     assert type(gm.get_submodule("attn")) is nn.MultiheadAttention
+
+
+def test_attention_dropout_follows_the_mode_like_torchs_module() -> None:
+    """Seeded, the traced copy drops the same attention weights as torch's module in train
+    mode (and returns the dropped weights, as torch does), and none in eval mode."""
+    torch.manual_seed(0)
+    model = TinyViT(need_weights=True).train()
+    model.attn.dropout = 0.3
+    gm = gp.trace(model, (X,))
+    with torch.no_grad():
+        for mode in (True, False):
+            gm.train(mode)
+            model.train(mode)
+            torch.manual_seed(1)
+            ours = gm(X)
+            torch.manual_seed(1)
+            torch.testing.assert_close(ours, model(X))
+    gm.train()
+    with torch.no_grad():
+        assert not torch.equal(gm(X), gm(X))  # still random when training

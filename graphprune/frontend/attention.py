@@ -69,8 +69,9 @@ class SplitMultiheadAttention(nn.Module):
         weights = None
         if need_weights or self.dropout > 0.0:
             attn = torch.softmax((q * self.scale) @ k.transpose(-2, -1), dim=-1)
+            attn = F.dropout(attn, self.dropout, self.training)  # torch returns them dropped
             weights = attn.mean(dim=1) if average_attn_weights else attn
-            out = F.dropout(attn, self.dropout, self.training) @ v
+            out = attn @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         out = self.out_proj(out.transpose(1, 2).flatten(2))
