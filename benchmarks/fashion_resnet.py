@@ -10,6 +10,7 @@ lr 0.05 (batch ``--batch``, SGD momentum 0.9, weight decay 1e-4 off norms/biases
 
 - graphprune ResRep, the built-in defaults (``compress(model, "resrep", ...)``, nothing else);
 - graphprune ResRep with distillation from the dense model (``distill=True``);
+- graphprune CHEX, the built-in defaults (``compress(model, "chex", ...)``: prune and regrow);
 - graphprune magnitude (one-shot, exact widths: ``round_to=1``) + fine-tuning;
 - Torch-Pruning 1.6 global group-L2 (ratio bisected to the MACs target) + fine-tuning.
 
@@ -50,10 +51,11 @@ from graphprune.training.loop import evaluate, fit
 DEPTHS = {"resnet20": 20, "resnet56": 56}
 TARGETS = (0.5, 0.3, 0.1, 0.02)  # MACs kept: 50 / 70 / 90 / 98% fewer
 LR = 0.05
-METHODS = ("resrep", "resrep+distill", "magnitude+ft", "torch-pruning+ft")
+METHODS = ("resrep", "resrep+distill", "chex", "magnitude+ft", "torch-pruning+ft")
 LABELS = {
     "resrep": "graphprune ResRep (defaults)",
     "resrep+distill": "graphprune ResRep + distill",
+    "chex": "graphprune CHEX (defaults)",
     "magnitude+ft": "graphprune magnitude + fine-tune",
     "torch-pruning+ft": "Torch-Pruning group-L2 + fine-tune",
     "gsm": "graphprune GSM, structured (defaults)",
