@@ -96,9 +96,8 @@ class ChannelMasks:
         if saved is None:
             return t
         masked = {g: ~k for g, k in self.keep.items()}
-        for s, idx in self._indices(masked, roles=("out", "in", "stat")):
-            if s.path == path:
-                t.index_copy_(s.axis, idx, saved.index_select(s.axis, idx))
+        for s, idx in self._indices(masked, roles=("out", "in", "stat"), path=path):
+            t.index_copy_(s.axis, idx, saved.index_select(s.axis, idx))
         return t
 
     # --- writing ------------------------------------------------------------------------
@@ -210,10 +209,13 @@ class ChannelMasks:
             raise ValueError(f"group {g}: every channel masked; a group keeps at least one")
         return out
 
-    def _indices(self, select: Mapping[int, np.ndarray], roles: tuple[str, ...]):
-        """(site, index tensor) for the entries of the selected channels at ``roles`` sites."""
+    def _indices(
+        self, select: Mapping[int, np.ndarray], roles: tuple[str, ...], path: str | None = None
+    ):
+        """(site, index tensor) for the entries of the selected channels at ``roles`` sites
+        (of the tensor at ``path`` only, when given)."""
         for s in self._sites:
-            if s.role not in roles:
+            if s.role not in roles or (path is not None and s.path != path):
                 continue
             hit = np.zeros(len(s.gids), dtype=bool)
             for g, chosen in select.items():

@@ -39,7 +39,9 @@ Use ``Chex`` in any training loop::
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -200,9 +202,10 @@ class Chex(MaskingMethod):
                 hit = gids == g
                 yield g, pos[hit], v.numpy()[hit]
 
-    def filters(self, g: int, *, last: bool = False) -> np.ndarray:
+    def filters(self, g: int, *, last: Callable[[str], torch.Tensor] | None = None) -> np.ndarray:
         """Group ``g``'s stacked producer filters, features x channels (column j: everything
-        the producers hold for channel j). ``last``: masked channels hold their saved values."""
+        the producers hold for channel j). ``last``: where to read tensors instead of the
+        model (``masks.last_values``: masked channels hold their saved values)."""
         n = self.graph.groups[g].channels
         blocks = []
         for s in self._filter_sites:
@@ -210,7 +213,7 @@ class Chex(MaskingMethod):
             hit = np.nonzero(gids == g)[0]
             if not len(hit):
                 continue
-            t = self.masks.last_values(s.path) if last else get_tensor(self.model, s.path)
+            t = last(s.path) if last is not None else get_tensor(self.model, s.path)
             rows = t.detach().movedim(s.axis, 0).flatten(1).double().cpu().numpy()
             p = pos[hit]
             order = np.argsort(p, kind="stable")
@@ -262,12 +265,13 @@ class Chex(MaskingMethod):
         if delta > 0:
             up = self.select(scores, target + delta * (1.0 - target))
             rng = np.random.default_rng([self.config.seed, self.iteration])
+            last = functools.cache(self.masks.last_values)  # each tensor once per update
             for g in self.masks.groups:
                 grow = len(up.kept[g]) - int(keep[g].sum())
                 candidates = np.nonzero(~keep[g])[0]
                 if grow <= 0 or not len(candidates):
                     continue
-                x = self.filters(g, last=True)
+                x = self.filters(g, last=last)
                 eps = projection_residual(x[:, keep[g]], x[:, candidates])
                 picked = candidates[sample_softmax(eps, min(grow, len(candidates)), rng)]
                 keep[g][picked] = True
