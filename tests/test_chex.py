@@ -264,7 +264,7 @@ def test_compress_with_the_defaults_reaches_the_target():
     )
     assert 0.49 <= result.report.macs_ratio <= 0.5 + 1e-9
     stats = result.report.stats_dict()
-    assert stats["updates"] >= 2 and stats["freeze_iter"] == 4  # round(0.7 x 6)
+    assert stats["updates"] >= 2 and stats["freeze_iter"] == 2  # round(0.3 x 6)
 
 
 # --- resume mid-schedule --------------------------------------------------------------------
@@ -295,6 +295,7 @@ def _chex_run(ckpt, *, stop_at=None, resume=False):
         lr=0.05,
         round_to=1,
         delta_t=2,
+        t_max=0.7,
         train_step=step,
         checkpoint_dir=ckpt,
         checkpoint_every=3,
