@@ -69,8 +69,8 @@ class ChexConfig(MaskingConfig):
       explores for 180 of 250 epochs (0.72) from scratch; under a cosine lr only 4% of the lr
       integral is left after 0.72, so a short run would end on an architecture it barely
       trained. Measured on the Fashion-MNIST ResNet-20 smoke (96 iterations, 0.3 of the MACs,
-      seed 0): t_max 0.7 gave 66.0% test accuracy, 0.3 gave 72.5% (prune-once magnitude +
-      fine-tune: 73.1%). ``t_max=0.72`` is the paper's.
+      seed 0, the chex-smoke benchmark command): t_max 0.7 gave 66.0% test accuracy, 0.3
+      gave 71.8% (prune-once magnitude + fine-tune: 73.1%). ``t_max=0.72`` is the paper's.
     - ``delta_t`` = round(t_max·T / 20): 20 re-allocations before the freeze whatever the
       budget (the paper's 2 epochs of 250 make 90 on ImageNet; on a few hundred iterations
       that would leave a regrown channel 1-2 steps before the next decision), more steps per
