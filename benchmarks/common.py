@@ -134,6 +134,7 @@ def peer_row(base, example, target, train, test, *, epochs, lr, seed, ignored) -
         "final_acc": evaluate(best, test),
         "stats": None,
         "seconds": time.perf_counter() - t,
+        "model": best,
     }
 
 
@@ -157,6 +158,7 @@ def compare(
                 **extra,
             )
             row["seed"] = seed
+            row.pop("model", None)
             rows.append(row)
             print(
                 {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True

@@ -23,7 +23,9 @@ benchmarks/results/cache/ (not committed), so runs of different methods, in diff
 start from bit-identical bases. Rows are merged into the tag's JSON after every row (a row of the
 same method, target and seed is replaced; ``--fresh`` starts over), and the markdown table of
 mean ± std over seeds and the PNG of accuracy against MACs kept are written from all rows of the
-tag into benchmarks/results/ (``--tag`` names the files).
+tag into benchmarks/results/ (``--tag`` names the files). Each pruned model is timed right after
+it is made, interleaved with its dense base (torch eager CPU, batch 64, graphprune's
+``measure``): the table's speedup is the ratio of medians, so machine load affects both alike.
 
     python benchmarks/fashion_resnet.py --seeds 0 1 2 --base-epochs 15 --epochs 15
     python benchmarks/fashion_resnet.py --seeds 0 --base-epochs 3 --epochs 3 \\
@@ -85,6 +87,7 @@ def resrep_row(base, example, target, train, test, *, epochs, seed, distill) -> 
         "acc_before_finalize": report.accuracy_before_finalize,
         "stats": report.stats_dict(),
         "seconds": time.perf_counter() - t,
+        "model": result.model,
     }
 
 
@@ -99,6 +102,7 @@ def magnitude_row(base, example, target, train, test, *, epochs, seed) -> dict:
         "macs_kept": result.report.macs_ratio,
         "final_acc": evaluate(result.model, test),
         "seconds": time.perf_counter() - t,
+        "model": result.model,
     }
 
 
@@ -116,6 +120,7 @@ def torch_pruning_row(base, example, target, train, test, *, epochs, seed) -> di
     )
     kept = None if row["macs_reduction"] is None else 1 - row["macs_reduction"]
     out = {"macs_kept": kept, "final_acc": row["final_acc"], "seconds": row["seconds"]}
+    out["model"] = row.get("model")
     return out | ({"note": row["note"]} if "note" in row else {})
 
 
@@ -141,7 +146,20 @@ def generic_row(method, base, example, target, train, test, *, epochs, seed) -> 
         "acc_before_finalize": report.accuracy_before_finalize,
         "stats": report.stats_dict(),
         "seconds": time.perf_counter() - t,
+        "model": result.model,
     }
+
+
+def latency(base, pruned, example) -> dict:
+    """Torch eager CPU at batch 64, dense and pruned interleaved (graphprune's ``measure``):
+    the pruned median in ms and the dense/pruned ratio of medians."""
+    from graphprune.backends.timing import measure
+    from graphprune.backends.torch import TorchRunner
+
+    runners = [TorchRunner(m, example_inputs=example) for m in (base, pruned)]
+    timing = measure(runners, [64], warmup=3, rounds=15)
+    dense, ours = (s.median_ms for s in timing.stats[64])
+    return {"latency_ms_b64": ours, "speedup_b64": dense / ours}
 
 
 def run_row(method, base, example, target, train, test, *, epochs, seed) -> dict:
@@ -157,6 +175,9 @@ def run_row(method, base, example, target, train, test, *, epochs, seed) -> dict
             row = generic_row(method, base, example, target, train, test, **kw)
     except gp.GraphpruneError as exc:  # recorded as a failed row, never dropped
         row = {"macs_kept": None, "final_acc": None, "seconds": None, "note": str(exc)}
+    model = row.pop("model", None)
+    if model is not None:
+        row |= latency(base, model, example)
     return {"method": method, "target": target, "seed": seed} | row
 
 
@@ -181,9 +202,15 @@ def summarize(rows: list[dict], bases: dict[int, float]) -> list[dict]:
                     "acc": statistics.mean(accs) if accs else None,
                     "acc_std": statistics.pstdev(accs) if accs else None,
                     "delta": statistics.mean(deltas) if deltas else None,
+                    "speedup": _mean([r.get("speedup_b64") for r in ok]),
                 }
             )
     return out
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.mean(values) if values else None
 
 
 def _ordered(methods) -> list[str]:
@@ -202,19 +229,20 @@ def markdown(summary: list[dict], bases: dict[int, float]) -> str:
         f"(seeds {', '.join(map(str, bases))})",
         "",
         "| MACs target (kept) | method | MACs kept | worst |kept − target| | accuracy (%) "
-        "| Δ vs base | failed runs |",
-        "|---|---|---|---|---|---|---|",
+        "| Δ vs base | CPU speedup (b64) | failed runs |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         if s["acc"] is None:
             lines.append(
-                f"| {s['target']} | {label(s['method'])} | — | — | — | — | {s['failed']} |"
+                f"| {s['target']} | {label(s['method'])} | — | — | — | — | — | {s['failed']} |"
             )
             continue
+        speed = "—" if s.get("speedup") is None else f"{s['speedup']:.2f}x"
         lines.append(
             f"| {s['target']} | {label(s['method'])} | {s['macs_kept']:.3f} | "
             f"{s['worst_miss']:.3f} | {s['acc']:.2f} ± {s['acc_std']:.2f} | {s['delta']:+.2f} | "
-            f"{s['failed']} |"
+            f"{speed} | {s['failed']} |"
         )
     return "\n".join(lines)
 
