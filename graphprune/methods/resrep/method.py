@@ -118,7 +118,7 @@ class ResRep(Method):
     name = "resrep"
     config_class = ResRepConfig
     trains = True
-    min_iters = 320  # about what the adaptive schedule needs at lr 0.05 (prepare checks it)
+    min_iters = 320  # the demo refuses fewer: warm-up, masking and fine-tuning get too few each
     config: ResRepConfig
 
     # --- prepare --------------------------------------------------------------------------
@@ -229,6 +229,8 @@ class ResRep(Method):
         until ``mask_until``."""
         self.iteration += 1
         s = self.schedule
+        if s.zero_at is not None and self.iteration >= s.zero_at:
+            self._zero_masked_rows()
         if s.mask_until is not None and self.iteration > s.mask_until:
             return
         if (
@@ -236,6 +238,13 @@ class ResRep(Method):
             and (self.iteration - s.warmup_iters) % s.mask_interval == 0
         ):
             self.update_masks()
+
+    @torch.no_grad()
+    def _zero_masked_rows(self) -> None:
+        """Hold masked rows at exactly zero: the decay window is over, the rest of training
+        fine-tunes the network that the final model will be."""
+        for c in self.compactors:
+            c.matrix.mul_(c.mask.view(-1, 1))
 
     def state_dict(self) -> dict:
         """Masks live in the compactors' buffers (the model's state_dict); this is the rest."""
