@@ -23,9 +23,10 @@ benchmarks/results/cache/ (not committed), so runs of different methods, in diff
 start from bit-identical bases. Rows are merged into the tag's JSON after every row (a row of the
 same method, target and seed is replaced; ``--fresh`` starts over), and the markdown table of
 mean ± std over seeds and the PNG of accuracy against MACs kept are written from all rows of the
-tag into benchmarks/results/ (``--tag`` names the files). Each pruned model is timed right after
-it is made, interleaved with its dense base (torch eager CPU, batch 64, graphprune's
-``measure``): the table's speedup is the ratio of medians, so machine load affects both alike.
+tag into benchmarks/results/ (``--tag`` names the files). Runs of the same setting made in
+parallel processes under other tags are combined with ``--tag T --merge T2 T3``. Each pruned
+model is timed right after it is made, interleaved with its dense base (torch eager CPU, batch
+64, graphprune's ``measure``): the speedup is the ratio of medians, so load affects both alike.
 
     python benchmarks/fashion_resnet.py --seeds 0 1 2 --base-epochs 15 --epochs 15
     python benchmarks/fashion_resnet.py --seeds 0 --base-epochs 3 --epochs 3 \\
@@ -293,6 +294,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--tag", default="", help="suffix of the result files")
     p.add_argument("--fresh", action="store_true", help="drop the tag's earlier rows")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=[],
+        metavar="TAG",
+        help="only merge these tags' rows (same setting) into --tag's and write its tables",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args()
     if args.threads:
@@ -305,6 +313,17 @@ def main() -> None:
     stem = "fashion_resnet" + (f"_{args.tag}" if args.tag else "")
     out = f"benchmarks/results/{stem}.json"
     results = {} if args.fresh else _earlier(out, args)
+    for tag in args.merge:  # rows of runs made in other processes with the same setting
+        for name, other in _earlier(f"benchmarks/results/fashion_resnet_{tag}.json", args).items():
+            mine = results.setdefault(name, {"bases": {}, "rows": []})
+            mine["bases"] = {**other["bases"], **mine["bases"]}
+            keys = {(r["method"], r["target"], r["seed"]) for r in mine["rows"]}
+            mine["rows"] += [
+                r for r in other["rows"] if (r["method"], r["target"], r["seed"]) not in keys
+            ]
+    if args.merge:
+        print("\n\n".join(write(results, name, stem, out, args) for name in results))
+        return
     for name in args.models:
         kept = results.get(name, {"bases": {}, "rows": []})
         rows, bases = kept["rows"], {int(k): v for k, v in kept["bases"].items()}
@@ -371,7 +390,8 @@ def _earlier(out: str, args) -> dict:
 
 def write(results: dict, name: str, stem: str, out: str, args) -> str:
     """JSON (all rows), the PNG and the markdown table of ``name``; returns the table."""
-    rows, bases = results[name]["rows"], results[name]["bases"]
+    rows = results[name]["rows"]
+    bases = {int(k): v for k, v in results[name]["bases"].items()}
     summary = summarize(rows, bases)
     results[name]["summary"] = summary
     seeds = sorted({r["seed"] for r in rows})
