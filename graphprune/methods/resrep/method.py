@@ -42,7 +42,6 @@ from graphprune.methods.resrep.schedule import (
     GROWN_NORM,
     ResRepSchedule,
     iterations_that_suffice,
-    masked_row_decays,
 )
 from graphprune.passes import cleanup, fold_compactors, fuse_bn, insert_compactors, prune_channels
 from graphprune.passes.compactor import Compactor
@@ -73,6 +72,10 @@ def resrep_finalize(*, round_to: int = 1, fold_threshold: float = 1e-5) -> list[
         functools.partial(prune_channels, round_to=round_to),
         cleanup,  # drops dead submodules and nodes
     ]
+
+
+# Fewer iterations leave the adaptive schedule's phases a handful of steps each.
+MIN_ADAPTIVE_ITERS = 120
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -118,7 +121,7 @@ class ResRep(Method):
     name = "resrep"
     config_class = ResRepConfig
     trains = True
-    min_iters = 320  # the demo refuses fewer: warm-up, masking and fine-tuning get too few each
+    min_iters = 320  # the demo refuses fewer (compress refuses < MIN_ADAPTIVE_ITERS)
     config: ResRepConfig
 
     # --- prepare --------------------------------------------------------------------------
@@ -162,23 +165,16 @@ class ResRep(Method):
             if self.iters_per_epoch is None:
                 raise TypeError("schedule='paper' counts epochs: pass iters_per_epoch=")
             return ResRepSchedule.paper(self.iters_per_epoch)
-        lr = 0.05 if self.lr is None else self.lr
-        schedule = ResRepSchedule.adaptive(total, to_mask, lr)
-        threshold = self.config.fold_threshold
-        if threshold > 0 and not masked_row_decays(schedule, total, lr, threshold):
-            need = iterations_that_suffice(to_mask, lr, threshold, at_least=total)
-            per = (
-                f" ({math.ceil(need / self.iters_per_epoch)} epochs)"
-                if self.iters_per_epoch
-                else ""
-            )
+        if total < MIN_ADAPTIVE_ITERS:
+            per = self.iters_per_epoch
+            epochs = f" ({math.ceil(MIN_ADAPTIVE_ITERS / per)} epochs of {per})" if per else ""
             raise TrainingError(
-                f"ResRep with {total} iterations at lr {lr}: a channel masked at the last mask "
-                f"update would not decay below fold_threshold={threshold} before training "
-                f"ends, so the MACs target would be missed. About {need} iterations{per} "
-                "suffice: train longer or use a smaller batch"
+                f"ResRep with {total} iterations: the adaptive schedule needs at least "
+                f"{MIN_ADAPTIVE_ITERS}{epochs} (a warm-up, ~30 mask updates over a quarter of "
+                "training, the masked rows' decay and fine-tuning): train longer or use a "
+                "smaller batch"
             )
-        return schedule
+        return ResRepSchedule.adaptive(total, to_mask, 0.05 if self.lr is None else self.lr)
 
     # --- the training hooks ---------------------------------------------------------------
     def own_param_groups(self, lr: float) -> list[dict]:
