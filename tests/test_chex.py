@@ -4,13 +4,13 @@ resume mid-schedule that ends with the masks of an uninterrupted run."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import graphprune
 from graphprune.frontend.params import get_tensor
@@ -26,6 +26,7 @@ from graphprune.methods.chex.css import (
 )
 from graphprune.planning.macs import count_macs
 from graphprune.testing.exactness import randomize_
+from graphprune.testing.method_runs import random_loader
 from graphprune.testing.zoo import ZOO, ZOO_INPUT_SHAPE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -216,11 +217,7 @@ def test_regrown_channels_carry_exactly_their_last_weights_and_statistics():
 ZOO_MODELS = ["resnet_basic", "densenet", "mobilenet_v2_block", "fpn", "inception"]
 
 
-def _loader(n=48, seed=0, batch=16):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, *ZOO_INPUT_SHAPE[1:], generator=g)
-    y = torch.randint(0, 10, (n,), generator=g)
-    return DataLoader(TensorDataset(x, y), batch_size=batch)
+_loader = functools.partial(random_loader, n=48)
 
 
 @pytest.mark.parametrize("target", [0.5, 0.3])

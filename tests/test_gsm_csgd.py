@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import graphprune
 from graphprune.analysis import build_channel_graph
@@ -19,6 +18,7 @@ from graphprune.frontend.trace import trace
 from graphprune.methods.gsm import GSM
 from graphprune.planning.macs import count_macs
 from graphprune.testing.exactness import randomize_
+from graphprune.testing.method_runs import random_loader
 from graphprune.testing.zoo import ZOO, ZOO_INPUT_SHAPE
 
 
@@ -30,11 +30,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _loader(n=64, seed=0, shape=ZOO_INPUT_SHAPE, batch=16):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, *shape[1:], generator=g)
-    y = torch.randint(0, 10, (n,), generator=g)
-    return DataLoader(TensorDataset(x, y), batch_size=batch)
+_loader = random_loader
 
 
 class OneGroup(nn.Module):

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 import graphprune
 from graphprune.analysis import build_channel_graph
@@ -21,6 +20,7 @@ from graphprune.methods.masks import ChannelMasks
 from graphprune.passes import prune_channels
 from graphprune.planning.macs import count_macs
 from graphprune.testing.exactness import randomize_
+from graphprune.testing.method_runs import random_loader
 from graphprune.testing.zoo import ZOO, ZOO_INPUT_SHAPE
 
 MODELS = ["resnet_basic", "densenet", "mobilenet_v2_block", "shufflenet", "se", "fpn"]
@@ -169,11 +169,7 @@ def toy_method():
     unregister_method("toy-mask")
 
 
-def _loader(n=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, *ZOO_INPUT_SHAPE[1:], generator=g)
-    y = torch.randint(0, 10, (n,), generator=g)
-    return DataLoader(TensorDataset(x, y), batch_size=16)
+_loader = random_loader
 
 
 @pytest.mark.parametrize("target", [0.5, 0.25])

@@ -35,6 +35,16 @@ def loader(n: int = 32, seed: int = 0) -> DataLoader:
     return DataLoader(TensorDataset(torch.cat(xs), torch.cat(ys)), batch_size=8)
 
 
+def random_loader(
+    n: int = 64, seed: int = 0, *, shape=ZOO_INPUT_SHAPE, batch: int = 16, classes: int = 10
+) -> DataLoader:
+    """``n`` random images of ``shape`` (batch axis ignored) with random labels, in order."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *shape[1:], generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch)
+
+
 def make_method(name: str, model: str, target: float, seed: int = 0, **options):
     torch.manual_seed(seed)
     net = randomize_(ZOO[model]().train(), seed)
