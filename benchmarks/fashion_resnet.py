@@ -59,6 +59,7 @@ LABELS = {
     "resrep": "graphprune ResRep (defaults)",
     "resrep+distill": "graphprune ResRep + distill",
     "chex": "graphprune CHEX (defaults)",
+    "chex-v1": "graphprune CHEX, first version (t_max 0.7; rows of 2026-12-01 only)",
     "magnitude+ft": "graphprune magnitude + fine-tune",
     "torch-pruning+ft": "Torch-Pruning group-L2 + fine-tune",
     "gsm": "graphprune GSM, structured (defaults)",
@@ -230,20 +231,21 @@ def markdown(summary: list[dict], bases: dict[int, float]) -> str:
         f"(seeds {', '.join(map(str, bases))})",
         "",
         "| MACs target (kept) | method | MACs kept | worst |kept − target| | accuracy (%) "
-        "| Δ vs base | CPU speedup (b64) | failed runs |",
-        "|---|---|---|---|---|---|---|---|",
+        "| Δ vs base | CPU speedup (b64) | seeds | failed runs |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         if s["acc"] is None:
             lines.append(
-                f"| {s['target']} | {label(s['method'])} | — | — | — | — | — | {s['failed']} |"
+                f"| {s['target']} | {label(s['method'])} | — | — | — | — | — | {s['runs']} | "
+                f"{s['failed']} |"
             )
             continue
         speed = "—" if s.get("speedup") is None else f"{s['speedup']:.2f}x"
         lines.append(
             f"| {s['target']} | {label(s['method'])} | {s['macs_kept']:.3f} | "
             f"{s['worst_miss']:.3f} | {s['acc']:.2f} ± {s['acc_std']:.2f} | {s['delta']:+.2f} | "
-            f"{speed} | {s['failed']} |"
+            f"{speed} | {s['runs'] - s['failed']} | {s['failed']} |"
         )
     return "\n".join(lines)
 
