@@ -256,15 +256,18 @@ def plot(summary: list[dict], bases: dict[int, float], path: Path, title: str) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for method in _ordered({s["method"] for s in summary}):
+    fig, ax = plt.subplots(figsize=(8, 5))
+    methods = _ordered({s["method"] for s in summary})
+    colors = plt.cm.tab20.colors  # one distinct color and a marker per method
+    for i, method in enumerate(methods):
         pts = [s for s in summary if s["method"] == method and s["acc"] is not None]
         if pts:
             ax.errorbar(
                 [s["macs_kept"] for s in pts],
                 [s["acc"] for s in pts],
                 yerr=[s["acc_std"] for s in pts],
-                marker="o",
+                marker="osD^v<>ph*"[i % 10],
+                color=colors[(2 * i) % 20 + (i // 10) % 2],
                 capsize=3,
                 label=label(method),
             )
@@ -273,7 +276,7 @@ def plot(summary: list[dict], bases: dict[int, float], path: Path, title: str) -
     ax.set_xlabel("MACs kept (pruned / dense, conv + linear)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
