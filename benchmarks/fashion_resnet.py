@@ -67,32 +67,6 @@ LABELS = {
 }
 
 
-def resrep_row(base, example, target, train, test, *, epochs, seed, distill) -> dict:
-    torch.manual_seed(seed)
-    t = time.perf_counter()
-    result = gp.compress(
-        base,
-        "resrep",
-        example_inputs=example,
-        flops_target=target,
-        train_loader=train,
-        epochs=epochs,
-        lr=LR,
-        val_loader=test,
-        progress=False,
-        **({"distill": True} if distill else {}),
-    )
-    report = result.report
-    return {
-        "macs_kept": report.macs_ratio,
-        "final_acc": evaluate(result.model, test),
-        "acc_before_finalize": report.accuracy_before_finalize,
-        "stats": report.stats_dict(),
-        "seconds": time.perf_counter() - t,
-        "model": result.model,
-    }
-
-
 def magnitude_row(base, example, target, train, test, *, epochs, seed) -> dict:
     t = time.perf_counter()
     # Exact widths, like the Torch-Pruning row: magnitude has no rounding fallback, and
@@ -126,17 +100,23 @@ def torch_pruning_row(base, example, target, train, test, *, epochs, seed) -> di
     return out | ({"note": row["note"]} if "note" in row else {})
 
 
-def generic_row(method, base, example, target, train, test, *, epochs, seed) -> dict:
+def generic_row(method, base, example, target, train, test, *, epochs, seed, **options) -> dict:
     """A registered method by name: trained for ``epochs`` (a method that ``can_train``, such
     as magnitude, fine-tunes its masked model inside compress; a one-shot one is fine-tuned
-    after pruning)."""
+    after pruning). ``options`` go to compress (``distill=True``)."""
     torch.manual_seed(seed)
     t = time.perf_counter()
     cls = gp.methods.get_method(method)
     trains = cls.trains or cls.can_train
     training = dict(train_loader=train, epochs=epochs, lr=LR, progress=False) if trains else {}
     result = gp.compress(
-        base, method, example_inputs=example, flops_target=target, val_loader=test, **training
+        base,
+        method,
+        example_inputs=example,
+        flops_target=target,
+        val_loader=test,
+        **training,
+        **options,
     )
     if not trains:
         torch.manual_seed(seed)
@@ -167,8 +147,8 @@ def latency(base, pruned, example) -> dict:
 def run_row(method, base, example, target, train, test, *, epochs, seed) -> dict:
     kw = dict(epochs=epochs, seed=seed)
     try:
-        if method in ("resrep", "resrep+distill"):
-            row = resrep_row(base, example, target, train, test, distill="distill" in method, **kw)
+        if method == "resrep+distill":
+            row = generic_row("resrep", base, example, target, train, test, distill=True, **kw)
         elif method == "magnitude+ft":
             row = magnitude_row(base, example, target, train, test, **kw)
         elif method == "torch-pruning+ft":

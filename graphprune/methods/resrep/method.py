@@ -41,7 +41,6 @@ from graphprune.methods.base import Method, MethodConfig, option, register_metho
 from graphprune.methods.resrep.schedule import (
     GROWN_NORM,
     ResRepSchedule,
-    iterations_that_suffice,
 )
 from graphprune.passes import cleanup, fold_compactors, fuse_bn, insert_compactors, prune_channels
 from graphprune.passes.compactor import Compactor
@@ -363,26 +362,19 @@ class ResRep(Method):
 
     def finalize(self, *, verify: bool | None = None) -> fx.GraphModule:
         """Fuse BN, fold compactors, remove the zeroed channels. Mutates and returns the model.
-        Refuses (TrainingError) when masked rows have not decayed: they would stay, and the
-        model would keep more MACs than the target."""
+        Warns when masked rows have not decayed (only possible with the paper's or a custom
+        schedule): they stay, the model keeps more MACs than the target, and compress()
+        raises TargetMissedError with the result."""
         self._final_stats = self.stats()  # the compactors are gone afterwards
         left = self._final_stats.masked_rows_not_decayed
         planned = self._final_stats.masked_macs_fraction
         if left:
-            total = max(int(self.total_iters or self.iteration), self.iteration, 1)
-            lr = 0.05 if self.lr is None else self.lr
-            need = iterations_that_suffice(
-                max(1, sum(int((m == 0).sum()) for m in self.masks().values())),
-                lr,
-                self.config.fold_threshold,
-                at_least=max(total, 2),
-            )
             warnings.warn(
                 f"ResRep: {left} masked compactor rows are still above fold_threshold="
                 f"{self.config.fold_threshold} after {self.iteration} iterations, so folding "
-                f"would keep them and miss the MACs target ({planned:.3f} planned). Train "
-                f"for about {max(need, 2 * self.iteration)} iterations with the "
-                "adaptive schedule (or a schedule whose masked_penalty decays rows in time)",
+                f"would keep them and miss the MACs target ({planned:.3f} planned). Use the "
+                "adaptive schedule (it zeroes masked rows at 60% of training) or a schedule "
+                "whose masked_penalty decays rows in time",
                 stacklevel=2,
             )
         return super().finalize(verify=verify)

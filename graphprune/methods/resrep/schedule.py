@@ -12,7 +12,7 @@ PAPER_MOMENTUM = 0.99
 # fraction of its initial norm (1), so row norms carry a signal of their own.
 SHAPING = 0.1
 # Active rows grow while they learn (up to about twice their initial norm on short runs); a
-# masked row is pushed to travel twice that, and the budget check simulates a row of this norm.
+# masked row is pushed to travel twice that before the masked rows are zeroed.
 GROWN_NORM = 2.0
 # The adaptive schedule's phases, as fractions of training: warm-up, masking until MASK_END,
 # masked rows decay until ZERO_AT, where they are zeroed; fine-tuning after.
@@ -105,50 +105,3 @@ class ResRepSchedule:
             mask_until=mask_end,
             zero_at=zero_at,
         )
-
-
-def masked_row_decays(
-    schedule: ResRepSchedule,
-    total_iters: int,
-    lr: float,
-    threshold: float,
-    *,
-    start_norm: float = GROWN_NORM,
-) -> bool:
-    """Whether a row masked at the last mask update (norm ``start_norm``, no momentum yet)
-    falls below ``threshold`` by the end of training, under SGD with the schedule's momentum
-    and a cosine lr. A schedule that zeroes masked rows (``zero_at`` within training) always
-    does. The gradient of a masked row is λ_m·Q/max(||Q||, eps), parallel to Q, so
-    the row only scales: this one-dimensional recursion is exact for it."""
-    s = schedule
-    if s.zero_at is not None and s.zero_at <= total_iters:
-        return True
-    start = s.mask_until if s.mask_until is not None else total_iters - 1
-    q, v = float(start_norm), 0.0
-    base = lr * s.compactor_lr_scale
-    for t in range(max(0, start), total_iters):
-        v = s.compactor_momentum * v + s.masked_penalty * q / max(abs(q), s.eps)
-        q -= cosine_lr(base, t, total_iters) * v
-    return abs(q) < threshold
-
-
-def iterations_that_suffice(
-    channels_to_mask: int, lr: float, threshold: float, *, at_least: int
-) -> int:
-    """The fewest iterations (within 5%) for which the adaptive schedule decays a masked row
-    below ``threshold``; searched by doubling from ``at_least`` and then bisection."""
-
-    def ok(total: int) -> bool:
-        s = ResRepSchedule.adaptive(total, channels_to_mask, lr)
-        return masked_row_decays(s, total, lr, threshold)
-
-    hi = max(2, int(at_least))
-    while not ok(hi):
-        hi *= 2
-        if hi > 10_000_000:
-            return hi
-    lo = max(1, hi // 2)
-    while hi - lo > max(1, hi // 20):
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
-    return hi
