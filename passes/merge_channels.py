@@ -74,7 +74,7 @@ def mergeable_groups(gm: fx.GraphModule, graph: ChannelGraph) -> dict[int, str |
             got = pos & kept.get(g, set())
             if select and got and got != pos:
                 out[g] = f"{node.name} ({_name(node)}) sends the channels down different paths"
-            elif not select and got != pos:
+            elif not select and (got != pos or node.target in _MIXERS):
                 out[g] = f"{node.name} ({node.op} {_name(node)}) mixes or drops the channels"
     return out
 
@@ -178,6 +178,10 @@ def _positions(graph: ChannelGraph, values: list[object]) -> dict[int, set[int]]
 # Ops whose every output element is one input element (a split's part, a slice): they may
 # drop channel positions without mixing any.
 _SELECTIONS = (operator.getitem, "narrow", torch.narrow)
+# Ops that keep the channel positions of one input but mix channels across inputs: attention
+# takes the dot product of query and key channels (and scales it by their count), so two equal
+# channels are not one channel counted twice.
+_MIXERS = (torch.nn.functional.scaled_dot_product_attention,)
 
 
 def _dense_consumer(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -10,7 +10,8 @@ finalize. One-shot use works too: without training, ``finalize`` masks once from
 Planning (``select``) is the one ResRep uses (planning/ranking.py): the globally lowest scores
 go first, no group below ``min_keep_fraction`` of its width, widths rounded to ``round_to``
 where the target allows and finer where it would be out of reach, and the result lands within
-0.01 under the target.
+0.01 under the target (or as close under it as whole channels allow on a model whose channels
+are coarser steps of its MACs; planning/ranking.py ``select_kept``).
 """
 
 from __future__ import annotations
@@ -87,9 +88,16 @@ class MaskingMethod(Method):
 
     # --- planning -------------------------------------------------------------------------
     def select(
-        self, scores: Mapping[int, np.ndarray], flops_target: float | None = None
+        self,
+        scores: Mapping[int, np.ndarray],
+        flops_target: float | None = None,
+        *,
+        tolerance: float = 0.01,
     ) -> Selection:
-        """Kept channels per masked group for ``flops_target`` (default: the config's)."""
+        """Kept channels per masked group for ``flops_target`` (default: the config's), at
+        most ``tolerance`` of the dense MACs under it where the model's steps allow (a width
+        that need not land, e.g. an eased regrowth target, passes 1.0: no trading of channels
+        between groups to get closer)."""
         target = self.config.flops_target if flops_target is None else flops_target
         scores = {g: np.asarray(scores[g], dtype=np.float64) for g in self.masks.groups}
         return select_kept(
@@ -99,6 +107,7 @@ class MaskingMethod(Method):
             target,
             rounding=self.rounding,
             floors=self.floors,
+            tolerance=tolerance,
         )
 
     def mask_to(

@@ -239,8 +239,16 @@ def select_kept(
     """The walk to ``flops_target`` (lowest score first, ``floors`` respected, at most
     ``max_drop`` channels dropped). Once the target is reached, channels are given back, best
     score per MAC first, while the MACs stay at or under it. Without ``max_drop`` this is a
-    final choice: if it still ends more than ``tolerance`` under the target, the finer rungs
-    of the ladder are tried (the first within tolerance wins, else the closest)."""
+    final choice that must land within ``tolerance`` under the target: where single steps
+    cannot (a model whose channels are coarse steps of its MACs), one group gives a step to
+    another (``_Kept.swap``); where that still cannot, the finer rungs of the ladder are tried
+    (the first within tolerance wins). If none lands, the closest is taken and single channels
+    are given back at exact widths wherever they fit, so the result is as close under the
+    target as channel steps allow: no channel of any group fits back under it.
+
+    The kept channels are tracked as explicit sets from the walk on, and the MACs predicted
+    from them per channel, so a group that layers read only in part (the halves of a split, a
+    shuffle branch) is predicted as it will be pruned, not by its kept fraction."""
     rungs = [rounding]
     if max_drop is None:
         ladder = rounding_ladder(rounding.round_to)
@@ -257,69 +265,190 @@ def select_kept(
             max_drop=max_drop,
             min_keep=floors,
         )
-        counts = {g: len(plan[g]) if g in plan else graph.groups[g].channels for g in scores}
-        if reached:
-            counts = _give_back(graph, scores, layer_macs, flops_target, counts, r)
-        sel = _selection(graph, scores, layer_macs, counts, r, flops_target)
-        if max_drop is not None or not sel.reached:
-            return sel if best is None else best
-        if flops_target - sel.macs_fraction <= tolerance:
+        kept = _Kept(graph, scores, layer_macs, plan, r, floors)
+        if reached and max_drop is not None:
+            kept.give_back(flops_target)
+        elif reached:
+            kept.land(flops_target, tolerance)
+        sel = kept.selection(flops_target)
+        if max_drop is not None:
             return sel
-        if best is None or sel.macs_fraction > best.macs_fraction:
+        if sel.reached and flops_target - sel.macs_fraction <= tolerance:
+            return sel
+        if best is None or _closer(sel, best):
             best = sel
     assert best is not None
+    if best.reached:  # no rung lands: the closest, then single channels wherever they fit
+        exact = _Kept(graph, scores, layer_macs, best.kept, Rounding(1, 1), floors)
+        exact.land(flops_target, tolerance)
+        best = exact.selection(flops_target)
     return best
+
+
+def _closer(a: Selection, b: Selection) -> bool:
+    """Is ``a`` a better final choice than ``b``: under the target, then as close as can be."""
+    if a.reached != b.reached:
+        return a.reached
+    return a.macs_fraction > b.macs_fraction if a.reached else a.macs_fraction < b.macs_fraction
 
 
 def _order(scores: np.ndarray) -> np.ndarray:
     return np.argsort(-rankable(scores), kind="stable")  # best first, as walk keeps them
 
 
-def _selection(graph, scores, layer_macs, counts, rounding, target) -> Selection:
-    plan = {g: np.sort(_order(scores[g])[:k]) for g, k in counts.items()}
-    plan = keep_every_member_alive(
-        graph, {g: p for g, p in plan.items() if len(p) < graph.groups[g].channels}, scores
-    )
-    model = MacsModel(graph, layer_macs)
-    kept = {}
-    for g in scores:
-        kept[g] = plan.get(g, np.arange(graph.groups[g].channels))
-        model.set_kept(g, len(kept[g]))
-    frac = model.macs / model.dense
-    return Selection(kept, rounding, frac, frac <= target * (1 + 1e-9))
+class _Kept:
+    """The channels a selection keeps, as a boolean mask per scored group, with the MACs they
+    leave (MacsModel on explicit sets: exact per channel). Widths move in steps of the
+    rounding: up by the best-scoring dropped channels, down by the worst-scoring kept ones,
+    never below a group's floor and never leaving a layer side that reads the group empty."""
 
+    def __init__(self, graph, scores, layer_macs, plan, rounding: Rounding, floors) -> None:
+        self.graph, self.rounding = graph, rounding
+        self.scores = {g: rankable(s) for g, s in scores.items()}
+        self.order = {g: _order(s) for g, s in scores.items()}
+        self.tied = {g: is_tied(graph, g) for g in scores}
+        full = {g: np.arange(graph.groups[g].channels) for g in scores}
+        alive = keep_every_member_alive(graph, dict(plan), scores)
+        self.keep = {}
+        self.model = MacsModel(graph, layer_macs)
+        for g in scores:
+            self.keep[g] = np.zeros(graph.groups[g].channels, dtype=bool)
+            self.keep[g][alive.get(g, full[g])] = True
+            self.model.set_kept(g, np.nonzero(self.keep[g])[0])
+        self.floor = {
+            g: rounding.width(floors.get(g, 1), graph.groups[g].channels, tied=self.tied[g])
+            for g in scores
+        }
 
-def _give_back(graph, scores, layer_macs, target, counts, rounding) -> dict[int, int]:
-    """Greedy: re-add the next allowed width step with the best score per added MAC while the
-    MACs stay under the target."""
-    model = MacsModel(graph, layer_macs)
-    for g, k in counts.items():
-        model.set_kept(g, k)
-    limit = target * model.dense * (1 + 1e-9)
-    orders = {g: _order(s) for g, s in scores.items()}
-    tied = {g: is_tied(graph, g) for g in scores}
-    counts = dict(counts)
-    while True:
-        best, best_ratio = None, -np.inf
-        for g, k in counts.items():
-            n = graph.groups[g].channels
-            if k >= n:
+    @property
+    def fraction(self) -> float:
+        return self.model.macs / self.model.dense
+
+    def _set(self, g: int, keep: np.ndarray) -> None:
+        self.keep[g] = keep
+        self.model.set_kept(g, np.nonzero(keep)[0])
+
+    def step_up(self, g: int) -> np.ndarray | None:
+        """The group's mask one rounding step wider (its best dropped channels back)."""
+        keep, n = self.keep[g], len(self.keep[g])
+        k = int(keep.sum())
+        if k >= n:
+            return None
+        up = self.rounding.width(k + 1, n, tied=self.tied[g])
+        dropped = [c for c in self.order[g] if not keep[c]]
+        new = keep.copy()
+        new[dropped[: up - k]] = True
+        return new
+
+    def step_down(self, g: int) -> np.ndarray | None:
+        """The group's mask one rounding step narrower (its worst kept channels dropped)."""
+        keep, n = self.keep[g], len(self.keep[g])
+        k = int(keep.sum())
+        down = next(
+            (
+                w
+                for w in (self.rounding.width(j, n, tied=self.tied[g]) for j in range(k - 1, 0, -1))
+                if w < k
+            ),
+            0,
+        )
+        if down < max(1, self.floor[g]):
+            return None
+        kept = [c for c in self.order[g] if keep[c]]
+        new = keep.copy()
+        new[kept[down:]] = False
+        return new
+
+    def _try(self, moves: list[tuple[int, np.ndarray]]) -> tuple[float, bool]:
+        """MACs after ``moves`` and whether every layer side still reads a channel; undone."""
+        before = [(g, self.keep[g]) for g, _ in moves]
+        for g, keep in moves:
+            self._set(g, keep)
+        macs = self.model.macs
+        empty = any(self.model.emptied(g) is not None for g, _ in moves)
+        for g, keep in reversed(before):
+            self._set(g, keep)
+        return macs, not empty
+
+    def _gain(self, g: int, new: np.ndarray) -> float:
+        """Score added (positive) or removed (negative) by replacing the group's mask."""
+        s = self.scores[g]
+        return float(s[new & ~self.keep[g]].sum() - s[self.keep[g] & ~new].sum())
+
+    def give_back(self, target: float) -> None:
+        """Greedy: re-add the step with the best score per added MAC while MACs stay under."""
+        limit = target * self.model.dense * (1 + 1e-9)
+        while True:
+            best, best_ratio = None, -np.inf
+            for g in self.keep:
+                new = self.step_up(g)
+                if new is None:
+                    continue
+                macs, ok = self._try([(g, new)])
+                if not ok or macs > limit:
+                    continue
+                added = macs - self.model.macs
+                ratio = self._gain(g, new) / added if added > 0 else np.inf
+                if ratio > best_ratio:
+                    best, best_ratio = (g, new), ratio
+            if best is None:
+                return
+            self._set(*best)
+
+    def land(self, target: float, tolerance: float) -> None:
+        """Give back, then swap steps between groups and give back again, until the MACs are
+        within ``tolerance`` under the target or no swap gets closer."""
+        self.give_back(target)
+        while target - self.fraction > tolerance and self.swap(target, tolerance):
+            self.give_back(target)
+
+    def swap(self, target: float, tolerance: float) -> bool:
+        """One group steps up and another steps down so the MACs get closer to the target
+        (still under it): among swaps that land within ``tolerance``, the one that loses the
+        least score; else the one that gets closest. False when no swap gets closer."""
+        dense, now = self.model.dense, self.model.macs
+        limit = target * dense * (1 + 1e-9)
+        ups, downs = {}, {}
+        for g in self.keep:  # each step alone: a first guess at what a pair adds
+            for steps, make in ((ups, self.step_up), (downs, self.step_down)):
+                new = make(g)
+                if new is not None:
+                    macs, ok = self._try([(g, new)])
+                    if ok:
+                        steps[g] = (new, macs - now)
+        pairs = sorted(
+            (
+                (du + dd, g, h)
+                for g, (_, du) in ups.items()
+                for h, (_, dd) in downs.items()
+                if g != h and 0 < du + dd <= limit - now + 0.05 * dense
+            ),
+            reverse=True,
+        )
+        landing, closest = None, None
+        for _, g, h in pairs:
+            macs, ok = self._try([(g, ups[g][0]), (h, downs[h][0])])
+            if not ok or not now < macs <= limit:
                 continue
-            up = rounding.width(k + 1, n, tied=tied[g])
-            before = model.macs
-            model.set_kept(g, up)
-            added, fits = model.macs - before, model.macs <= limit
-            model.set_kept(g, k)
-            if not fits:
-                continue
-            gain = float(np.sum(np.asarray(scores[g])[orders[g][k:up]]))
-            ratio = gain / added if added > 0 else np.inf
-            if ratio > best_ratio:
-                best, best_ratio = (g, up), ratio
-        if best is None:
-            return counts
-        counts[best[0]] = best[1]
-        model.set_kept(best[0], best[1])
+            gain = self._gain(g, ups[g][0]) + self._gain(h, downs[h][0])
+            if target * dense - macs <= tolerance * dense:
+                if landing is None or gain > landing[0]:
+                    landing = (gain, g, h)
+            elif closest is None or macs > closest[0]:
+                closest = (macs, g, h)
+        pick = landing or closest
+        if pick is None:
+            return False
+        _, g, h = pick
+        up, down = ups[g][0], downs[h][0]
+        self._set(g, up)
+        self._set(h, down)
+        return True
+
+    def selection(self, target: float) -> Selection:
+        kept = {g: np.nonzero(k)[0] for g, k in self.keep.items()}
+        frac = self.fraction
+        return Selection(kept, self.rounding, frac, frac <= target * (1 + 1e-9))
 
 
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> float | None:

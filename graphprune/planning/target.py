@@ -59,7 +59,9 @@ def blockers(
             "frozen submodules (fx could not trace them): "
             + "; ".join(f"{k} ({v})" for k, v in frozen.items())
         )
-    return "\n  - ".join(["", *lines]) if lines else " nothing found (a planner bug)"
+    if not lines:  # every layer is prunable: the floors the method keeps set the limit
+        return " no unprunable layer; the floors do (min_keep_fraction, or the method's own)"
+    return "\n  - ".join(["", *lines])
 
 
 def check_reached(

@@ -265,7 +265,7 @@ class Chex(MaskingMethod):
             keep[g] = np.zeros(self.graph.groups[g].channels, dtype=bool)
             keep[g][sel.kept[g]] = True
         if delta > 0:
-            up = self.select(scores, target + delta * (1.0 - target))
+            up = self.select(scores, target + delta * (1.0 - target), tolerance=1.0)
             rng = np.random.default_rng([self.config.seed, self.iteration])
             last = functools.cache(self.masks.last_values)  # each tensor once per update
             for g in self.masks.groups:
