@@ -16,8 +16,8 @@ from torch import fx, nn
 
 from graphprune.analysis import build_channel_graph
 from graphprune.errors import PlanError
-from graphprune.frontend.fallback import frozen_submodules, trace_with_fallback
-from graphprune.frontend.trace import example_inputs_of
+from graphprune.frontend.fallback import eval_mode_only, frozen_submodules, trace_with_fallback
+from graphprune.frontend.trace import FUNCTIONAL_LAYERS, example_inputs_of
 from graphprune.methods import DEFAULT_METHOD, Method, MethodConfig, get_method, method_names
 from graphprune.methods.base import make_config
 from graphprune.planning.macs import count_macs
@@ -132,6 +132,8 @@ def compress(
         accuracy_after_finalize=evaluate(pruned, val) if val is not None else None,
         stats=m.stats(),
         frozen_submodules=frozen,
+        eval_mode_only=eval_mode_only(gm),
+        functional_layers=gm.meta.get(FUNCTIONAL_LAYERS, {}),
     )
     # Never a silent shortfall: PlanError, or after training a TargetMissedError that carries
     # the trained model and this report (see check_reached).

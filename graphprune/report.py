@@ -29,7 +29,13 @@ class CompressionReport:
     ``accuracy_*`` are top-1 percentages on the ``val_loader`` given to compress (None without
     one): right before the finalize passes and after them. ``stats`` is the method's own
     frozen dataclass (None if it has none). ``frozen_submodules`` maps each submodule fx
-    could not trace, kept whole and unpruned, to the reason (frontend.fallback)."""
+    could not trace, kept whole and unpruned, to the reason (frontend.fallback).
+    ``functional_layers`` maps each layer written as ``F.conv2d``/``F.linear`` on parameters
+    (or on a weight computed from them, as weight standardization does) that became a module,
+    so it could be pruned, to what it replaced (frontend.functional_layers).
+    ``eval_mode_only`` says why the model was traced in eval mode only (its own forward runs
+    train-mode-only code, such as auxiliary classifiers, that the result does not have); None
+    when the result behaves like the model in both modes."""
 
     method: str
     flops_target: float
@@ -45,6 +51,8 @@ class CompressionReport:
     accuracy_after_finalize: float | None = None
     stats: object | None = None
     frozen_submodules: dict[str, str] = field(default_factory=dict)
+    eval_mode_only: str | None = None
+    functional_layers: dict[str, str] = field(default_factory=dict)
 
     @property
     def macs_ratio(self) -> float:
@@ -85,6 +93,10 @@ class CompressionReport:
                 )
         for name, why in self.frozen_submodules.items():
             lines.append(f"  frozen (not traced, not pruned): {name}: {why}")
+        if self.eval_mode_only:
+            lines.append(f"  eval mode only: {self.eval_mode_only}")
+        for name, why in self.functional_layers.items():
+            lines.append(f"  functional layer made a module: {name}: {why}")
         lines.append("  group  width           producers")
         for w in self.widths:
             lines.append(f"  {w.id:5d}  {w.before:5d} -> {w.after:<5d}  {', '.join(w.producers)}")
@@ -105,6 +117,8 @@ def build_report(
     accuracy_after_finalize: float | None = None,
     stats: object | None = None,
     frozen_submodules: dict[str, str] | None = None,
+    eval_mode_only: str | None = None,
+    functional_layers: dict[str, str] | None = None,
 ) -> CompressionReport:
     widths = tuple(
         GroupWidth(g.id, g.producers, g.channels, widths_after.get(g.id, g.channels))
@@ -126,4 +140,6 @@ def build_report(
         accuracy_after_finalize=accuracy_after_finalize,
         stats=stats,
         frozen_submodules=dict(frozen_submodules or {}),
+        eval_mode_only=eval_mode_only,
+        functional_layers=dict(functional_layers or {}),
     )

@@ -305,3 +305,44 @@ def test_every_module_of_a_mode_dependent_class_is_frozen_not_its_callers() -> N
     assert result.model.get_submodule("b1.inner.0").out_channels < 32
     assert result.model.get_submodule("stem").out_channels == 16  # read by the frozen leaves
     assert result.report.macs_ratio <= 0.61
+
+
+# --- a model whose own forward runs code in train mode only (GoogLeNet, Inception v3) -------
+class AuxNet(nn.Module):
+    """An auxiliary classifier on an inner feature map, run in train mode only, from the
+    model's own forward (``if self.training and self.aux_logits``, as torchvision's GoogLeNet
+    and Inception v3): no submodule to freeze."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.aux = nn.Linear(16, 10)
+        self.fc = nn.Linear(32, 10)
+        self.aux_logits = True
+
+    def forward(self, x: torch.Tensor):
+        x = self.a(x)
+        aux = self.aux(x.mean((2, 3))) if self.training and self.aux_logits else None
+        out = self.fc(self.b(x).mean((2, 3)))
+        return (out, aux) if self.training and self.aux_logits else out
+
+
+def test_a_models_own_train_mode_only_code_is_traced_in_eval_mode_and_reported() -> None:
+    torch.manual_seed(0)
+    model = AuxNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(TraceError, match="train and eval mode"):
+        gp.trace(model, (x,))  # the strict trace still refuses
+    gm = trace_with_fallback(model, (x,))
+    assert "train mode only" in gm.meta["graphprune.eval_mode_only"]
+    assert "aux" not in dict(gm.named_modules())  # the train-mode-only head is not in it
+    with torch.no_grad():
+        torch.testing.assert_close(gm.eval()(x), model(x))
+    result = gp.compress(model, "magnitude", example_inputs=(x,), flops_target=0.5)
+    report = result.report
+    assert report.eval_mode_only and "traced in eval mode only" in report.eval_mode_only
+    assert "eval mode only" in report.format()
+    assert report.macs_ratio <= 0.5 + 1e-9
+    assert result.model.eval()(x).shape == model(x).shape
+    assert model.training is False and isinstance(model.aux, nn.Linear)  # the user's model

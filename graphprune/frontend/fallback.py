@@ -14,6 +14,12 @@ code differs between train and eval mode (``frontend.modes``) is frozen the same
 every other module of its class in the same retrace (a DropPath in each of a transformer's
 blocks).
 
+A model whose *own* forward differs between the modes (``if self.training and
+self.aux_logits:`` in GoogLeNet and Inception v3) has no submodule to freeze: it is traced in
+eval mode only (``trace(..., eval_only=True)``), the deployed model, and ``gm.meta[EVAL_ONLY]``
+says why (the compression report repeats it). The train-mode-only code (the auxiliary heads)
+is not part of the result.
+
 Invariant: a frozen submodule's weights are never sliced, so its forward runs unchanged on
 inputs of the shapes it was traced with. The frozen modules and the reason each was frozen
 are recorded in ``gm.meta[FROZEN]`` and appear in the compression report.
@@ -31,6 +37,7 @@ from graphprune.errors import TraceError
 from graphprune.frontend.trace import as_inputs, trace
 
 FROZEN = "graphprune.frozen_submodules"
+EVAL_ONLY = "graphprune.eval_mode_only"
 MAX_FROZEN = 16
 
 
@@ -51,6 +58,7 @@ def trace_with_fallback(
     frozen: dict[str, str] = {}
     mode_types: list[type[nn.Module]] = []  # classes whose code depends on the mode
     wrap = False
+    eval_only: str | None = None  # why the model's own forward is traced in eval mode only
     while True:
         try:
             if wrap:
@@ -60,6 +68,7 @@ def trace_with_fallback(
                     example_inputs,
                     leaf_modules=(*leaf_modules, *mode_types),
                     leaf_names=names,
+                    eval_only=eval_only is not None,
                 )
                 gm = _unwrap(gm, type(model).__name__)
             else:
@@ -68,6 +77,7 @@ def trace_with_fallback(
                     example_inputs,
                     leaf_modules=(*leaf_modules, *mode_types),
                     leaf_names=tuple(frozen),
+                    eval_only=eval_only is not None,
                 )
         except TraceError as exc:
             path = exc.module_path
@@ -75,6 +85,12 @@ def trace_with_fallback(
                 path = path[len(_WRAPPED) :] if path.startswith(_WRAPPED) else None
             if not wrap and not path and not frozen and _takes_varargs(model):
                 wrap = True
+                continue
+            if exc.mode_dependent and not path and eval_only is None:
+                eval_only = (
+                    _first_line(exc) + "; traced in eval mode only (the deployed model): code "
+                    "the model's own forward runs in train mode only is not in the result"
+                )
                 continue
             if not path or path in frozen or len(frozen) >= max_frozen:
                 if frozen:
@@ -92,12 +108,19 @@ def trace_with_fallback(
             frozen[path] = _first_line(exc)
             continue
         gm.meta[FROZEN] = dict(frozen)
+        if eval_only is not None:
+            gm.meta[EVAL_ONLY] = eval_only
         return gm
 
 
 def frozen_submodules(gm: fx.GraphModule) -> dict[str, str]:
     """Submodule name -> why it was frozen (empty when the model traced whole)."""
     return dict(gm.meta.get(FROZEN, {}))
+
+
+def eval_mode_only(gm: fx.GraphModule) -> str | None:
+    """Why the graph follows the model's eval mode only (None: it follows both modes)."""
+    return gm.meta.get(EVAL_ONLY)
 
 
 _WRAPPED = "model."

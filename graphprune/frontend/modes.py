@@ -49,23 +49,23 @@ def bind_training_flags(
     TraceError naming the line; a leaf module runs its own forward, so it is the fix.
     """
 
-    def flipped(stack_traces: bool) -> list[fx.Node]:
+    def flipped(stack_traces: bool) -> fx.Graph:
         flags = [(m, m.training) for m in model.modules()]
         for m, training in flags:  # each module flipped, so every flag read shows as a change
             m.training = not training
         try:
-            return list(retrace(stack_traces).nodes)
+            return retrace(stack_traces)
         finally:
             for m, training in flags:
                 m.training = training
 
-    ours, theirs = list(graph.nodes), flipped(False)
+    ours, theirs = list(graph.nodes), list(flipped(False).nodes)
     rename = _align_constants(model, ours, theirs)
     if [_key(n) for n in ours] == [_key(n, rename) for n in theirs]:
         return
     literals = _mode_literals(ours, theirs, rename)
     if literals is None:
-        _refuse(model, list(retrace(True).nodes), flipped(True))
+        _refuse(model, retrace(True), flipped(True))
     flag_nodes: dict[str, fx.Node] = {}
     for node, where in literals:
         path = _owner_path(node)
@@ -153,8 +153,10 @@ def _owner_class(n: fx.Node) -> str:
     return cls.__name__ if isinstance(cls, type) else str(cls).rpartition(".")[2].strip("'>")
 
 
-def _refuse(model: nn.Module, ours: list[fx.Node], theirs: list[fx.Node]) -> NoReturn:
-    """Name the first op that differs (not a module call: those differ only as users)."""
+def _refuse(model: nn.Module, our_graph: fx.Graph, their_graph: fx.Graph) -> NoReturn:
+    """Name the first op that differs (not a module call: those differ only as users), or
+    the module that calls different submodules in the two modes."""
+    ours, theirs = list(our_graph.nodes), list(their_graph.nodes)
     rename = _align_constants(model, ours, theirs)
     i = next(
         i
@@ -169,6 +171,12 @@ def _refuse(model: nn.Module, ours: list[fx.Node], theirs: list[fx.Node]) -> NoR
     culprit = max(ops, key=_depth) if ops else (a or b)
     where = _user_line(culprit.stack_trace) if culprit is not None else ""
     owner = _owner_class(culprit) if culprit is not None else ""
+    owner_path = _owner_path(culprit) if culprit is not None else ""
+    chooser = _chooser(a, b, our_graph, their_graph)
+    if chooser is not None:  # the two modes run different children: their parent chose
+        owner_path = chooser
+        owner = type(model.get_submodule(chooser)).__name__ if chooser else type(model).__name__
+        where = f" in {owner}.forward (it calls different submodules in the two modes)"
     modes = ("train", "eval") if model.training else ("eval", "train")
     in_child = bool(owner) and owner != type(model).__name__
     hint = (
@@ -183,9 +191,40 @@ def _refuse(model: nn.Module, ours: list[fx.Node], theirs: list[fx.Node]) -> NoR
         f"freezes one mode, so the result would not behave like the original in both.\n"
         f"  fix: {hint}",
         # The submodule whose own code depends on the mode: frontend.fallback freezes it.
-        module_path=(_owner_path(culprit) or None) if in_child and culprit is not None else None,
+        module_path=(owner_path or None) if in_child and culprit is not None else None,
         mode_dependent=True,
     )
+
+
+def _module_of(n: fx.Node) -> str:
+    """The module a node runs in: a module call's own path, else its innermost owner."""
+    return str(n.target) if n.op == "call_module" else _owner_path(n)
+
+
+def _chooser(a: fx.Node | None, b: fx.Node | None, ga: fx.Graph, gb: fx.Graph) -> str | None:
+    """Where the first difference runs in a child of one module that the other mode never
+    calls (GoogLeNet's forward calls its auxiliary head in train mode only): that module's
+    path ("" for the model itself), whose own code chose. None when one of the two ops is
+    that module's own (a DropPath's sampling against its caller's add), or both children run
+    in both modes (one of them computes differently itself): the deeper op is the culprit."""
+    if a is None or b is None:
+        return None
+    pa, pb = _module_of(a).split("."), _module_of(b).split(".")
+    if pa == [""] or pb == [""]:
+        return None
+    common = []
+    for x, y in zip(pa, pb, strict=False):
+        if x != y:
+            break
+        common.append(x)
+    if len(common) >= min(len(pa), len(pb)):
+        return None  # one runs in the other's module
+    child_a, child_b = ".".join(pa[: len(common) + 1]), ".".join(pb[: len(common) + 1])
+    called_a = getattr(ga, "called_modules", frozenset())
+    called_b = getattr(gb, "called_modules", frozenset())
+    if child_a in called_b and child_b in called_a:
+        return None
+    return ".".join(common)
 
 
 def _depth(n: fx.Node) -> int:

@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from graphprune.errors import TraceError
 from graphprune.frontend import meta
 from graphprune.frontend.attention import split_multihead_attention
+from graphprune.frontend.functional_layers import modularize_functional_layers
 from graphprune.frontend.functions import functions_as_leaves
 from graphprune.frontend.inputs import (
     check_example_inputs,
@@ -29,6 +30,7 @@ from graphprune.frontend.inputs import (
 from graphprune.frontend.modes import bind_training_flags, eval_mode
 
 EXAMPLE_INPUTS = "graphprune.example_inputs"
+FUNCTIONAL_LAYERS = "graphprune.functional_layers"  # new module path -> what it replaced
 FLOPS_FOR = "graphprune.flops_for"  # what the recorded per-node FLOPs were counted for
 
 _TORCH_DIR = str(Path(torch.__file__).parent)
@@ -45,6 +47,7 @@ class _LeafTracer(fx.Tracer):
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names
         self.failed_in: str | None = None  # innermost submodule whose forward raised
+        self.called: set[str] = set()  # every submodule whose forward ran (leaf or not)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if (
@@ -67,6 +70,7 @@ class _LeafTracer(fx.Tracer):
         return iter([obj[i] for i in range(count)])
 
     def call_module(self, m, forward, args, kwargs):
+        self.called.add(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
@@ -103,6 +107,7 @@ def trace(
     *,
     leaf_modules: Iterable[type[nn.Module]] = (),
     leaf_names: Iterable[str] = (),
+    eval_only: bool = False,
 ) -> fx.GraphModule:
     """Trace a copy of ``model`` and record every node's output shape.
 
@@ -111,6 +116,12 @@ def trace(
     as opaque calls (their channels become unprunable); use them for submodules fx cannot
     trace. A TraceError carries ``module_path``, the innermost submodule that failed (None
     when the failure is in the model's own forward), which ``frontend.fallback`` freezes.
+
+    The graph behaves like the model in train and eval mode (``frontend.modes``), or this
+    raises. ``eval_only=True`` traces the eval-mode forward without that check: for a model
+    whose own forward runs extra code in train mode only (GoogLeNet's and Inception v3's
+    auxiliary classifiers), the graph is the model as deployed; in train mode it still runs
+    the eval-mode code (submodules such as BatchNorm follow their own flags as usual).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"trace() needs an nn.Module, got {type(model).__name__}")
@@ -119,6 +130,8 @@ def trace(
     check_model_matches_inputs(model, example_inputs)
     warn_nonfinite(model)
     model = copy.deepcopy(model)
+    if eval_only:
+        model.eval()
     split_multihead_attention(model, keep=tuple(leaf_modules))
     tracer = _LeafTracer(tuple(leaf_modules), frozenset(leaf_names))
     graph = _trace_graph(tracer, model)
@@ -128,12 +141,16 @@ def trace(
         again.record_stack_traces = stack_traces
         return _trace_graph(again, model)
 
-    bind_training_flags(model, graph, retrace)
+    if not eval_only:
+        bind_training_flags(model, graph, retrace)
     for node in graph.nodes:
         # Type annotations become globals of the generated code that torch.save cannot pickle.
         node.type = None
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta[EXAMPLE_INPUTS] = tuple(t.detach().clone() for t in example_inputs)
+    layers = modularize_functional_layers(gm)  # F.conv2d/F.linear on parameters: modules
+    if layers:
+        gm.meta[FUNCTIONAL_LAYERS] = layers
     propagate_shapes(gm)
     return gm
 
@@ -155,7 +172,9 @@ def as_inputs(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[to
 def _trace_graph(tracer: fx.Tracer, model: nn.Module) -> fx.Graph:
     try:
         with functions_as_leaves(tracer):
-            return tracer.trace(model)
+            graph = tracer.trace(model)
+        graph.called_modules = frozenset(getattr(tracer, "called", ()))  # for frontend.modes
+        return graph
     except Exception as exc:  # fx raises many types; all mean "not traceable"
         raise TraceError(
             _explain_trace_failure(model, exc), module_path=getattr(tracer, "failed_in", None)

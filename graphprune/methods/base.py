@@ -39,6 +39,7 @@ from graphprune.passes import prune_channels
 from graphprune.passes.runner import Pass, run_passes
 from graphprune.planning.macs import count_macs
 from graphprune.planning.plan import check_flops_target
+from graphprune.planning.ranking import Rounding, select_kept
 from graphprune.planning.selection import select_channels
 from graphprune.training.loop import default_param_groups
 
@@ -215,11 +216,23 @@ class Method:
         return None
 
     def plan(self, scores: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
-        """Group id -> kept channels: the globally lowest scores go until the MACs target."""
+        """Group id -> kept channels (the groups that shrink): the globally lowest scores go
+        until the MACs target, then the selection lands within 0.01 under it
+        (``select_kept``: widths multiples of ``round_to``, finer only where those cannot
+        land). PlanError when even one channel per group stays above the target."""
         c = self.config
-        return select_channels(
+        select_channels(  # raises, naming the reachable minimum, when out of reach
             self.graph, scores, self.layer_macs, c.flops_target, round_to=c.round_to
         )
+        sel = select_kept(
+            self.graph,
+            scores,
+            self.layer_macs,
+            c.flops_target,
+            rounding=Rounding(c.round_to, c.round_to),
+            floors={g: 1 for g in scores},
+        )
+        return {g: k for g, k in sel.kept.items() if len(k) < self.graph.groups[g].channels}
 
     def finalize_passes(self) -> list[Pass]:
         """Passes that turn the (trained) model into the pruned one."""
@@ -228,8 +241,8 @@ class Method:
             raise NotImplementedError(
                 f"{type(self).__name__}: define scores() or finalize_passes()"
             )
-        plan = self.plan(scores)
-        return [functools.partial(prune_channels, plan=plan, scores=scores, round_to=self.round_to)]
+        plan = self.plan(scores)  # widths already rounded: the pruner rounds nothing
+        return [functools.partial(prune_channels, plan=plan, scores=scores, round_to=1)]
 
     def finalize(self, *, verify: bool | None = None) -> fx.GraphModule:
         """Run the finalize passes in eval mode; mutates and returns ``model``."""

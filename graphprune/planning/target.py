@@ -59,8 +59,8 @@ def blockers(
             "frozen submodules (fx could not trace them): "
             + "; ".join(f"{k} ({v})" for k, v in frozen.items())
         )
-    if not lines:  # every layer is prunable: the floors the method keeps set the limit
-        return " no unprunable layer; the floors do (min_keep_fraction, or the method's own)"
+    if not lines:  # every layer is prunable: the floor named before this sets the limit
+        return " no unprunable layer; only the floor above"
     return "\n  - ".join(["", *lines])
 
 

@@ -12,6 +12,8 @@ The outcome of a model is one of:
 - ``ok``: target reached within ``TOLERANCE``, exact, every output shape kept, model untouched;
 - ``refused``: compress raised PlanError (an honest "cannot", with its reason);
 - ``shortfall``: compress returned a model with more MACs than asked and no error (a bug);
+- ``undershoot``: it returned one more than ``TOLERANCE`` under the target (pruned more than
+  asked: a miss too);
 - ``inexact`` / ``shape`` / ``mutated``: the returned model is wrong in that way (a bug);
 - ``error``: any other exception (trace failure, a pass breaking, ...).
 
@@ -202,6 +204,9 @@ def check_model(
     status, reason = "ok", ""
     if info["reached"] > target + TOLERANCE:
         status = "shortfall"
+        reason = f"compress returned {info['reached']:.3f} of the MACs for target {target}"
+    elif info["reached"] < target - TOLERANCE:  # pruned more than asked: also a miss
+        status = "undershoot"
         reason = f"compress returned {info['reached']:.3f} of the MACs for target {target}"
     elif info["exact_error"] is not None and not info["exact_error"] <= exact_tol:
         status, reason = "inexact", f"random plan moved outputs by {info['exact_error']:.2e}"
