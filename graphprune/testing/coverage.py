@@ -144,7 +144,12 @@ def check_model(
     import graphprune as gp
     from graphprune.analysis import build_channel_graph
     from graphprune.errors import PlanError
-    from graphprune.frontend.fallback import frozen_submodules, trace_with_fallback
+    from graphprune.frontend.fallback import (
+        eval_mode_only,
+        frozen_submodules,
+        trace_with_fallback,
+    )
+    from graphprune.frontend.trace import FUNCTIONAL_LAYERS
 
     torch.manual_seed(seed)
     base = dict(name=name, source=source, input_shape=tuple(input_shape))
@@ -162,9 +167,12 @@ def check_model(
     except Exception as exc:
         return ZooRecord(**base, status="error", reason="trace: " + _short(exc))
     frozen = frozen_submodules(gm)
-    info["traced"] = (
-        "plain" if not frozen else "frozen: " + "; ".join(f"{k} ({v})" for k, v in frozen.items())
-    )
+    notes = [f"frozen: {k} ({v})" for k, v in frozen.items()]
+    if eval_mode_only(gm):
+        notes.append("eval mode only (train-mode-only code in its own forward)")
+    if gm.meta.get(FUNCTIONAL_LAYERS):
+        notes.append(f"{len(gm.meta[FUNCTIONAL_LAYERS])} functional layers made modules")
+    info["traced"] = "; ".join(notes) or "plain"
     try:
         t = time.perf_counter()
         graph = build_channel_graph(gm)
