@@ -16,7 +16,8 @@ lr 0.05 (batch ``--batch``, SGD momentum 0.9, weight decay 1e-4 off norms/biases
 
 Any other registered graphprune method is a row by its name (``--methods chex slimming ...``):
 ``compress(base, NAME, train_loader=..., epochs=--epochs, lr=0.05, flops_target=target)``, so
-every method gets the same epoch budget from the same base model.
+every method gets the same epoch budget from the same base model. ``NAME:option=value,...``
+passes config options (``resrep:cost_aware=False``; values are Python literals).
 
 Base models are cached per (model, seed, base epochs, training subset, batch) in
 benchmarks/results/cache/ (not committed), so runs of different methods, in different processes,
@@ -36,6 +37,7 @@ model is timed right after it is made, interleaved with its dense base (torch ea
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import json
 import statistics
@@ -69,8 +71,8 @@ LABELS = {
 
 def magnitude_row(base, example, target, train, test, *, epochs, seed) -> dict:
     t = time.perf_counter()
-    # Exact widths, like the Torch-Pruning row: magnitude has no rounding fallback, and
-    # multiples of 8 cannot reach 0.1 of ResNet-20's MACs at all.
+    # Exact widths, like the Torch-Pruning row (one-shot planning refuses a target that
+    # multiples of 8 cannot reach at all, as 0.1 of ResNet-20's MACs).
     result = gp.compress(base, "magnitude", example_inputs=example, flops_target=target, round_to=1)
     torch.manual_seed(seed)
     fit(result.model, train, epochs=epochs, lr=LR, progress=False)
@@ -154,13 +156,24 @@ def run_row(method, base, example, target, train, test, *, epochs, seed) -> dict
         elif method == "torch-pruning+ft":
             row = torch_pruning_row(base, example, target, train, test, **kw)
         else:
-            row = generic_row(method, base, example, target, train, test, **kw)
+            name, options = parse_method(method)
+            row = generic_row(name, base, example, target, train, test, **kw, **options)
     except gp.GraphpruneError as exc:  # recorded as a failed row, never dropped
         row = {"macs_kept": None, "final_acc": None, "seconds": None, "note": str(exc)}
     model = row.pop("model", None)
     if model is not None:
         row |= latency(base, model, example)
     return {"method": method, "target": target, "seed": seed} | row
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+    """``"resrep:cost_aware=False,min_keep_fraction=0.2"`` -> ("resrep", {options})."""
+    name, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        options[key.strip()] = ast.literal_eval(value.strip())
+    return name, options
 
 
 def summarize(rows: list[dict], bases: dict[int, float]) -> list[dict]:
@@ -261,16 +274,19 @@ def plot(summary: list[dict], bases: dict[int, float], path: Path, title: str) -
     fig.savefig(path, dpi=120)
 
 
+def _method_spec(spec: str) -> str:
+    name, _ = parse_method(spec)
+    known = sorted(set(METHODS) | set(gp.methods.method_names()))
+    if spec not in METHODS and name not in gp.methods.method_names():
+        raise argparse.ArgumentTypeError(f"{spec!r}: not one of {', '.join(known)}")
+    return spec
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--models", nargs="+", default=["resnet20"], choices=list(DEPTHS))
     p.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
-    p.add_argument(
-        "--methods",
-        nargs="+",
-        default=list(METHODS),
-        choices=sorted(set(METHODS) | set(gp.methods.method_names())),
-    )
+    p.add_argument("--methods", nargs="+", default=list(METHODS), type=_method_spec)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--train-subset", type=int, default=10_000)
     p.add_argument("--test-subset", type=int, default=0, help="0: the full 10,000")
