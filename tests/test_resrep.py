@@ -255,6 +255,33 @@ def test_gradient_resetting_without_task_gradient_and_with_zero_rows() -> None:
     torch.testing.assert_close(grad, expected, atol=1e-7, rtol=0)
 
 
+def test_active_rows_feel_no_penalty_after_penalty_until() -> None:
+    # Masks frozen at iteration 2: from iteration 3 on an active row's gradient is its task
+    # gradient alone, while masked rows keep being pushed to zero.
+    rr = one_compactor_model(penalty=0.2, masked_penalty=0.7, eps=1e-8, penalty_until=2)
+    c = rr.compactors[0]
+    with torch.no_grad():
+        c.weight.copy_(torch.diag(torch.tensor([3.0, 2.0, 1.0, -4.0])).view(4, 4, 1, 1))
+        c.mask.copy_(torch.tensor([1.0, 0.0, 1.0, 1.0]))
+    g = torch.full((4, 4), 0.5)
+    for iteration, pull in ((2, 0.2), (3, 0.0)):
+        rr.iteration = iteration
+        c.weight.grad = g.view(4, 4, 1, 1).clone()
+        rr.after_backward()
+        expected = g.clone()
+        expected[1] = 0.0
+        expected[1, 1] = 0.7  # masked: 0.7 * 2 / 2, no task gradient
+        for row, q in ((0, 3.0), (2, 1.0), (3, -4.0)):
+            expected[row, row] += pull * q / abs(q)
+        torch.testing.assert_close(c.weight.grad.view(4, 4), expected, atol=1e-7, rtol=0)
+
+
+def test_the_adaptive_schedule_stops_the_penalty_when_masks_freeze() -> None:
+    s = ResRepSchedule.adaptive(1000, 50, 0.05)
+    assert s.penalty_until == s.mask_until is not None
+    assert ResRepSchedule.paper(100).penalty_until is None  # the paper's preset: always
+
+
 def test_masked_rows_ignore_the_task_loss_after_a_real_backward() -> None:
     rr = one_compactor_model(penalty=1e-4, masked_penalty=1e-2)
     c = rr.compactors[0]

@@ -190,9 +190,10 @@ class ResRep(Method):
     @torch.no_grad()
     def after_backward(self) -> None:
         """Gradient resetting: grad_i = m_i·dL/dQ_i + λ_i·Q_i / max(||Q_i||, eps), where
-        λ_i is ``penalty`` for active rows and ``masked_penalty`` for masked ones. During the
-        warm-up the task gradient first feeds the Taylor prior."""
+        λ_i is ``penalty`` for active rows (0 after ``penalty_until``) and ``masked_penalty``
+        for masked ones. During the warm-up the task gradient first feeds the Taylor prior."""
         s = self.schedule
+        active = s.penalty if s.penalty_until is None or self.iteration <= s.penalty_until else 0.0
         if self.config.taylor_prior and self.iteration < s.warmup_iters:
             self._accumulate_prior()
         for c in self.compactors:
@@ -201,7 +202,7 @@ class ResRep(Method):
             m = c.mask.view(-1, 1)
             eps = m * s.eps + (1 - m) * s.eps * self.push_scale
             norms = torch.maximum(torch.linalg.vector_norm(q, dim=1, keepdim=True), eps)
-            lam = m * s.penalty + (1 - m) * s.masked_penalty * self.push_scale
+            lam = m * active + (1 - m) * s.masked_penalty * self.push_scale
             new = m * grad + lam * q / norms
             c.weight.grad = new.view_as(c.weight)
 

@@ -33,6 +33,7 @@ class ResRepSchedule:
     eps: float = 1e-8  # keeps λ·Q/||Q|| finite at Q = 0 (the official code has none)
     mask_until: int | None = None  # last iteration that may change masks (None: the paper's, never)
     zero_at: int | None = None  # from this iteration masked rows are held at exactly zero
+    penalty_until: int | None = None  # active rows feel ``penalty`` up to here (None: always)
 
     @staticmethod
     def paper(iters_per_epoch: int) -> ResRepSchedule:
@@ -72,7 +73,11 @@ class ResRepSchedule:
 
         λ (every row): the paper's 1e-4, raised on short budgets so that it moves an
         unsupported row by SHAPING = 0.1 of its norm before the masks freeze:
-        λ = max(1e-4, 0.1 / Σ_{t<30%} lr_t/(1-μ)).
+        λ = max(1e-4, 0.1 / Σ_{t<30%} lr_t/(1-μ)). It stops when the masks freeze
+        (``penalty_until``): the ranking it shapes is settled then, and pulling on the rows
+        that stay only shrinks the network the pruned model will be. On Fashion-MNIST
+        ResNet-20 (375 iterations, 3 seeds) that pull cost 1.2-1.9 points at 90% fewer MACs
+        and up to 0.3 at 70% (BENCHMARKS.md); the paper never freezes masks and keeps λ.
 
         λ_m (masked rows): a row pushed by λ_m·Q/||Q|| moves lr_t·λ_m/(1-μ) per step, so it
         travels 4 (twice GROWN_NORM, the norm a learning row may reach) over D when
@@ -104,4 +109,5 @@ class ResRepSchedule:
             eps=max(1e-8, 0.5 * lr * masked_penalty),
             mask_until=mask_end,
             zero_at=zero_at,
+            penalty_until=mask_end,
         )
