@@ -355,3 +355,54 @@ def test_tied_weights_compress_end_to_end(watch) -> None:
     with torch.no_grad():
         out = result.model(X)
     assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
+
+
+class SizeFromAnotherTensor(nn.Module):
+    """``B, C, H, W = x.shape`` then ``y.reshape(B, C, H * W)``: the size comes from x's
+    channel dim (prunable) while y's channels are blocked (a cumsum over them), as in timm's
+    EdgeNeXt (XCA) and LambdaNet. Pruning x must not resize y's reshape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(3, 16, 1)
+        self.c = nn.Conv2d(16, 16, 1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.c(torch.relu(self.a(x))))
+        B, C, H, W = h.shape
+        y = torch.cumsum(self.b(x), dim=1).reshape(B, C, H * W)
+        return self.fc(y.mean(-1)) + h.mean((2, 3)).sum(1, keepdim=True)
+
+
+def test_a_size_read_from_a_pruned_dim_does_not_resize_another_tensor() -> None:
+    torch.manual_seed(0)
+    model = SizeFromAnotherTensor().eval()
+    gm = gp.trace(model, (X,))
+    plan = check_random_plan_exact(gm, (X,), seed=1)
+    assert plan  # a group of h was pruned, y's reshape kept its 16
+    result = gp.compress(model, "magnitude", example_inputs=(X,), flops_target=0.8, round_to=1)
+    assert result.report.macs_ratio <= 0.8 + 1e-9
+    assert result.model(X).shape == model(X).shape
+
+
+class SizesAsOneValue(nn.Module):
+    """``h.view(h.shape[:2] + (-1,))``: the sizes are one traced value, not a list of them
+    (timm's MaxViT builds its window shapes this way)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.fc(h.view(h.shape[:2] + (-1,)).mean(-1))
+
+
+def test_view_sizes_given_as_one_value_follow_the_pruned_channels() -> None:
+    torch.manual_seed(0)
+    model = SizesAsOneValue().eval()
+    gm = gp.trace(model, (X,))
+    assert check_random_plan_exact(gm, (X,), seed=2)
+    result = gp.compress(model, "magnitude", example_inputs=(X,), flops_target=0.6, round_to=1)
+    assert result.model(X).shape == model(X).shape

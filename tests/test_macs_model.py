@@ -85,3 +85,28 @@ def test_macs_no_layer_owns_count_toward_the_dense_total() -> None:
     # left 0.7 of the MACs), and reaches it by pruning the convs harder.
     result = gp.compress(OpaqueMatmul().eval(), "magnitude", example_inputs=(x,), round_to=1)
     assert result.report.macs_ratio <= 0.5 + 1e-9
+
+
+class SharedUnderTwoNames(nn.Module):
+    """One conv registered at the top and inside a block (timm's CoaT shares its positional
+    conv between blocks this way)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.block = nn.Sequential(nn.Conv2d(3, 8, 1), self.pos)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.pos(self.block(x)))
+
+
+def test_counting_leaves_a_module_shared_under_two_names_untouched() -> None:
+    model = SharedUnderTwoNames().eval()
+    x = torch.randn(1, 3, 8, 8)
+    before = {n: t for n, t in model.state_dict(keep_vars=True).items()}
+    report = count_macs(model, (x,))
+    assert report.macs == 3 * 8 * 64 + 2 * 8 * 9 * 64  # the 1x1 conv, the shared one twice
+    after = model.state_dict(keep_vars=True)
+    assert all(after[n] is t and not t.is_meta for n, t in before.items())
+    assert model.pos.weight is model.block[1].weight

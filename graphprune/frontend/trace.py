@@ -239,7 +239,21 @@ def on_meta(module: nn.Module, inputs: Sequence[torch.Tensor]):
             *module.named_buffers(),
         ]
     }
-    return torch.func.functional_call(module, state, tuple(t.to("meta") for t in inputs))
+    # functional_call restores by name; a module shared under two paths (timm's CoaT shares
+    # one conv between blocks) got a meta stand-in back for one of them, in the user's model.
+    # Every tensor is put back on its own module object afterwards.
+    originals = [
+        (store, name, t)
+        for m in module.modules()
+        for store in (m._parameters, m._buffers)
+        for name, t in store.items()
+    ]
+    try:
+        return torch.func.functional_call(module, state, tuple(t.to("meta") for t in inputs))
+    finally:
+        for store, name, t in originals:
+            if store.get(name) is not t:
+                store[name] = t
 
 
 @torch.no_grad()

@@ -254,6 +254,34 @@ def _getattr(b: Builder, node: fx.Node, m: object) -> object:
     raise ChannelError(f"tensor attribute .{name}")
 
 
+def _shrinks(s: Shrink, size: object) -> bool:
+    """Is ``size`` a node reading a dim of a tensor whose channels on that dim are pruned
+    (``x.shape[i]``, ``x.size(i)``, ``x.size()[i]``)?"""
+    if not isinstance(size, fx.Node):
+        return False
+    src, dim = None, None
+    if size.op == "call_function" and size.target is operator.getitem:
+        holder, index = size.args
+        if isinstance(holder, fx.Node) and isinstance(index, int):
+            if holder.op == "call_function" and holder.target is getattr:
+                src, dim = holder.args[0], index  # x.shape[i]
+            elif holder.op == "call_method" and holder.target == "size" and len(holder.args) == 1:
+                src, dim = holder.args[0], index  # x.size()[i]
+    elif size.op == "call_method" and size.target == "size" and len(size.args) == 2:
+        src, dim = size.args  # x.size(i)
+    x = s.value(src) if isinstance(src, fx.Node) else None
+    if not isinstance(x, TensorChannels) or not isinstance(dim, int):
+        return False
+    shape = s.old_shapes.get(src)
+    if not isinstance(shape, (tuple, list, torch.Size)):
+        return False
+    dim = dim % len(shape)
+    if dim not in x.dims:
+        return False
+    axis = x.dims.index(dim)
+    return bool(s.removed[np.moveaxis(x.atoms, axis, 0)].reshape(x.atoms.shape[axis], -1).any())
+
+
 def _shrink_view(s: Shrink, node: fx.Node, m: object) -> None:
     """Explicit sizes of channel dims in view/reshape become the surviving counts."""
     param = s.value(node)
@@ -261,15 +289,34 @@ def _shrink_view(s: Shrink, node: fx.Node, m: object) -> None:
         _shrink_param_view(s, node, param)
         return
     out = s.value(node)
-    if _input_channels(s, node) is None or not isinstance(out, TensorChannels) or not out.dims:
-        return
     packed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
     shape = list(node.args[1] if packed else node.args[1:])
+    channel_dims = set(out.dims) if isinstance(out, TensorChannels) else set()
+    old = s.old_shapes.get(node)
+    if isinstance(old, (tuple, list, torch.Size)) and len(old) == len(shape):
+        for d, size in enumerate(shape):
+            # A size read from a pruned channel dim of another tensor (``B, N, C = x.shape``
+            # then ``y.reshape(B, N, C)``) shrinks with that tensor; where this view's own
+            # dim carries none of those channels, ``y`` keeps its size there: bake it.
+            if d not in channel_dims and _shrinks(s, size):
+                shape[d] = int(old[d])
+        node.args = (node.args[0], tuple(shape)) if packed else (node.args[0], *shape)
+    if _input_channels(s, node) is None or not isinstance(out, TensorChannels) or not out.dims:
+        return
     kept = ~s.removed[out.atoms]
     per_axis = [
         int(kept.any(axis=tuple(a for a in range(kept.ndim) if a != axis)).sum())
         for axis in range(kept.ndim)
     ]
+    if len(shape) != len(old or ()):  # sizes passed as one traced value (x.view(sizes))
+        if kept.all() or not isinstance(old, (tuple, list, torch.Size)):
+            return  # nothing to resize, or no record to resize from (the check will say)
+        full = [int(v) for v in old]  # type: ignore[union-attr]
+        for axis, d in enumerate(out.dims):
+            full[d] = per_axis[axis]
+        full[0] = -1  # the batch stays whatever the input's is
+        node.args = (node.args[0], tuple(full))
+        return
     for axis, d in enumerate(out.dims):
         # A size read from another tensor (x.shape[-1]) is static for a channel dim: bake it.
         if isinstance(shape[d], fx.Node) or (isinstance(shape[d], int) and shape[d] != -1):
