@@ -375,9 +375,24 @@ class SizeFromAnotherTensor(nn.Module):
         return self.fc(y.mean(-1)) + h.mean((2, 3)).sum(1, keepdim=True)
 
 
-def test_a_size_read_from_a_pruned_dim_does_not_resize_another_tensor() -> None:
+class SizeArithmetic(SizeFromAnotherTensor):
+    """The same with arithmetic on the size (``C // heads``, as timm's VOLO)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.c(torch.relu(self.a(x))))
+        B, C, H, W = h.shape
+        y = torch.cumsum(self.b(x), dim=1).reshape(B, 2, C // 2, H * W).sum(1)
+        return self.fc(y.mean(-1)) + h.mean((2, 3)).sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("net", [SizeFromAnotherTensor, SizeArithmetic])
+def test_a_size_read_from_a_pruned_dim_does_not_resize_another_tensor(net) -> None:
     torch.manual_seed(0)
-    model = SizeFromAnotherTensor().eval()
+    model = net().eval()
     gm = gp.trace(model, (X,))
     plan = check_random_plan_exact(gm, (X,), seed=1)
     assert plan  # a group of h was pruned, y's reshape kept its 16

@@ -254,11 +254,16 @@ def _getattr(b: Builder, node: fx.Node, m: object) -> object:
     raise ChannelError(f"tensor attribute .{name}")
 
 
+_SIZE_ARITHMETIC = (operator.floordiv, operator.mul, operator.add, operator.sub)
+
+
 def _shrinks(s: Shrink, size: object) -> bool:
     """Is ``size`` a node reading a dim of a tensor whose channels on that dim are pruned
-    (``x.shape[i]``, ``x.size(i)``, ``x.size()[i]``)?"""
+    (``x.shape[i]``, ``x.size(i)``, ``x.size()[i]``), or arithmetic on one (``C // heads``)?"""
     if not isinstance(size, fx.Node):
         return False
+    if size.op == "call_function" and size.target in _SIZE_ARITHMETIC:  # C // heads
+        return any(_shrinks(s, a) for a in size.args)
     src, dim = None, None
     if size.op == "call_function" and size.target is operator.getitem:
         holder, index = size.args
