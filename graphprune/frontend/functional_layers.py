@@ -38,11 +38,13 @@ def modularize_functional_layers(gm: fx.GraphModule) -> dict[str, str]:
         names = _CONV_ARGS if node.target is F.conv2d else _LINEAR_ARGS
         args = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
         weight, bias = args.get("weight"), args.get("bias")
-        if not isinstance(weight, fx.Node) or not _parameters_only(weight):
+        if not isinstance(weight, fx.Node) or not isinstance(bias, (fx.Node, type(None))):
             continue
-        if bias is not None and not (isinstance(bias, fx.Node) and _parameters_only(bias)):
-            continue
-        if not _private(node, [weight] + ([bias] if bias is not None else [])):
+        from_weight = _computation(weight)
+        inside = from_weight | (_computation(bias) if bias is not None else set())
+        if any(n.op in ("placeholder", "call_module", "output") for n in inside):
+            continue  # depends on the input (or on what a module computes): not parameters
+        if not all(set(n.users) <= inside | {node} for n in inside):
             continue  # a tensor shared with other ops (tied weights) must stay one tensor
         options = {k: args[k] for k in names[3:] if k in args}
         if any(isinstance(v, fx.Node) for v in options.values()):
@@ -58,10 +60,10 @@ def modularize_functional_layers(gm: fx.GraphModule) -> dict[str, str]:
         call.meta = dict(node.meta)
         node.replace_all_uses_with(call)
         gm.graph.erase_node(node)
-        sources |= _read(weight) | (_read(bias) if bias is not None else set())
+        sources |= {str(n.target) for n in inside if n.op == "get_attr"}
         computed = weight.op != "get_attr" or (bias is not None and bias.op != "get_attr")
         done[path] = (
-            f"{node.target.__name__} on a weight computed from parameters ({_describe(weight)}) "
+            f"{node.target.__name__} on a weight computed from parameters ({_ops(from_weight)}) "
             "became a plain layer holding the computed values: outputs unchanged, training "
             "now updates the plain weight"
             if computed
@@ -73,30 +75,15 @@ def modularize_functional_layers(gm: fx.GraphModule) -> dict[str, str]:
     return done
 
 
-def _parameters_only(node: fx.Node) -> bool:
-    """Does ``node``'s value depend on nothing but the model's tensors and constants?"""
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op in ("placeholder", "call_module", "output"):
-            return False
-        stack.extend(n.all_input_nodes)
-    return True
-
-
-def _private(call: fx.Node, roots: list[fx.Node]) -> bool:
-    """Is every node that ``roots`` are computed from used only within that computation and
-    by ``call``? (Then the call can own the values.)"""
-    inside, stack = set(), list(roots)
+def _computation(root: fx.Node) -> set[fx.Node]:
+    """``root`` and every node it is computed from."""
+    inside, stack = set(), [root]
     while stack:
         n = stack.pop()
         if n not in inside:
             inside.add(n)
             stack.extend(n.all_input_nodes)
-    return all(set(n.users) <= inside | {call} for n in inside)
+    return inside
 
 
 def _evaluate(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
@@ -115,7 +102,7 @@ def _evaluate(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
             out = n.target(*args, **kwargs)
         elif n.op == "call_method":
             out = getattr(args[0], n.target)(*args[1:], **kwargs)
-        else:  # excluded by _parameters_only
+        else:  # the caller checked: parameters and constants only
             raise AssertionError(n.op)
         env[n] = out
         return out
@@ -170,33 +157,14 @@ def _exists(gm: fx.GraphModule, path: str) -> bool:
     return True
 
 
-def _describe(node: fx.Node) -> str:
-    ops = []
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op in ("call_function", "call_method"):
-            name = n.target if isinstance(n.target, str) else n.target.__name__
-            ops.append(name)
-        stack.extend(n.all_input_nodes)
-    return ", ".join(sorted(set(ops))) or "a parameter"
-
-
-def _read(node: fx.Node) -> set[str]:
-    """The tensors (get_attr targets) a parameters-only node is computed from."""
-    out, seen, stack = set(), set(), [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "get_attr":
-            out.add(str(n.target))
-        stack.extend(n.all_input_nodes)
-    return out
+def _ops(nodes: set[fx.Node]) -> str:
+    """The names of the functions and methods among ``nodes``, for the report."""
+    names = {
+        n.target if isinstance(n.target, str) else n.target.__name__
+        for n in nodes
+        if n.op in ("call_function", "call_method")
+    }
+    return ", ".join(sorted(names)) or "a parameter"
 
 
 def _drop_unused(gm: fx.GraphModule, sources: set[str]) -> None:
