@@ -158,24 +158,73 @@ class ChannelMasks:
             else:
                 t.grad.index_fill_(s.axis, idx, 0.0)
 
-    @torch.no_grad()
     def producer_dots(self) -> dict[int, np.ndarray]:
         """Per group, Σ w·∂L/∂w over each channel's producer entries (every "out" site: all
         producers, biases and norm affine parameters of the group). Zeroing a channel zeroes
         all of them at once, so -this is the first-order loss change of masking it.
         Entries without a gradient contribute 0."""
+        return self._producer_sums(lambda t: None if t.grad is None else t.detach() * t.grad)
+
+    def producer_norms(self) -> dict[int, np.ndarray]:
+        """Per group, the L2 norm of each channel's producer entries taken together (the
+        channel's "row" across every out site of the group)."""
+        squares = self._producer_sums(lambda t: t.detach().double() ** 2)
+        return {g: np.sqrt(v) for g, v in squares.items()}
+
+    @torch.no_grad()
+    def reset_grads(
+        self,
+        task: Mapping[int, np.ndarray],
+        push: Mapping[int, np.ndarray],
+        eps: Mapping[int, np.ndarray],
+    ) -> None:
+        """Gradient resetting on the producer entries of the groups in ``task`` (ResRep on a
+        group's own weights): every entry w of channel c gets
+        ``grad = task_c·∂L/∂w + push_c·w / max(||w_c||, eps_c)``, where ``||w_c||`` is the
+        channel's norm over all its producer entries (``producer_norms``). Arrays are per
+        channel; entries of other groups are left alone; a trainable tensor without a gradient
+        gets one (the push alone)."""
+        norms = self.producer_norms()
+        for s in self._sites:
+            if s.role != "out":
+                continue
+            t = get_tensor(self.gm, s.path)
+            if not t.requires_grad:
+                continue
+            keep_task = np.ones(len(s.gids))
+            pull = np.zeros(len(s.gids))
+            for g in task:
+                in_g = s.gids == g
+                if in_g.any():
+                    p = s.pos[in_g]
+                    keep_task[in_g] = task[g][p]
+                    pull[in_g] = push[g][p] / np.maximum(norms[g][p], eps[g][p])
+            if (keep_task == 1).all() and not pull.any():
+                continue
+            shape = [1] * t.dim()
+            shape[s.axis] = len(s.gids)
+            a = torch.as_tensor(keep_task, dtype=t.dtype, device=t.device).view(shape)
+            b = torch.as_tensor(pull, dtype=t.dtype, device=t.device).view(shape)
+            grad = torch.zeros_like(t) if t.grad is None else t.grad
+            t.grad = grad * a + b * t.detach()
+
+    @torch.no_grad()
+    def _producer_sums(self, per_entry) -> dict[int, np.ndarray]:
+        """Per group and channel, the sum over its producer entries of ``per_entry(tensor)``
+        (an elementwise function of the tensor; None skips the tensor)."""
         sums = {g: np.zeros(len(k)) for g, k in self.keep.items()}
         for s in self._sites:
-            t = get_tensor(self.gm, s.path)
-            if s.role != "out" or t.grad is None:
+            if s.role != "out":
                 continue
-            dims = [d for d in range(t.dim()) if d != s.axis]
-            dots = (t.detach() * t.grad).sum(dim=dims) if dims else t.detach() * t.grad
-            dots = dots.double().cpu().numpy()
+            values = per_entry(get_tensor(self.gm, s.path))
+            if values is None:
+                continue
+            dims = [d for d in range(values.dim()) if d != s.axis]
+            values = (values.sum(dim=dims) if dims else values).double().cpu().numpy()
             for g, total in sums.items():
                 in_g = s.gids == g
                 if in_g.any():
-                    np.add.at(total, s.pos[in_g], dots[in_g])
+                    np.add.at(total, s.pos[in_g], values[in_g])
         return sums
 
     # --- checkpoints --------------------------------------------------------------------

@@ -6,6 +6,11 @@ so masked rows (m_i = 0) only decay. Masks are re-chosen on a schedule until the
 MACs reach the target. At the end, BN is fused, the compactors are folded into the convs
 (exact) and the zeroed channels are removed.
 
+Groups a compactor cannot fold into (depthwise-separable blocks, Linear producers, layer scales,
+norms called as functions) get the same gradient resetting on their own weights: a channel's
+row is every producer entry of its group (kernel_rows.py), held at exactly zero once masked
+rows are zeroed, and removed exactly by the pruner (``kernel_resetting``, on by default).
+
 How channels are ranked (planning/ranking.py has the reasoning): a channel's importance is
 its compactor row norm averaged over the group's producers (never summed: a residual stream
 would look 4-10x more important), times a first-order Taylor prior measured over the warm-up
@@ -38,6 +43,7 @@ from torch import fx
 
 from graphprune.errors import PlanError, TrainingError
 from graphprune.methods.base import Method, MethodConfig, option, register_method
+from graphprune.methods.resrep.kernel_rows import KernelRows
 from graphprune.methods.resrep.schedule import (
     GROWN_NORM,
     ResRepSchedule,
@@ -97,6 +103,11 @@ class ResRepConfig(MethodConfig):
     taylor_prior: bool = option(
         True, "weigh row norms by a first-order Taylor saliency measured over the warm-up"
     )
+    kernel_resetting: bool = option(
+        True,
+        "groups no compactor can fold into (depthwise convs, linear layers, layer scales) get "
+        "gradient resetting on their own weights; False: compactor groups only (the paper)",
+    )
 
     def validate(self) -> None:
         if not self.fold_threshold >= 0:
@@ -131,9 +142,18 @@ class ResRep(Method):
         """Insert compactors, choose the rounding that can reach the target, fit the schedule."""
         super().prepare()
         self.compactors = [m for m in self.model.modules() if isinstance(m, Compactor)]
-        if not self.compactors:
-            raise PlanError("ResRep found no group it can prune (no dense Conv2d producers)")
-        self.groups = sorted({c.group for c in self.compactors})
+        compacted = {c.group for c in self.compactors}
+        self.kernel = self._kernel_rows(compacted)
+        if not self.compactors and self.kernel is None:
+            raise PlanError(
+                "ResRep found no group it can prune (no prunable, exact channel group"
+                + (
+                    "; kernel_resetting=False leaves only groups made by dense Conv2d layers)"
+                    if not self.config.kernel_resetting
+                    else ")"
+                )
+            )
+        self.groups = sorted(compacted | set(self.kernel.groups if self.kernel else ()))
         channels = {g: self.graph.groups[g].channels for g in self.groups}
         self.costs = channel_costs(self.graph, self.layer_macs, self.groups)
         self.floors, self.rounding = floors_and_rounding(
@@ -155,6 +175,22 @@ class ResRep(Method):
         self.rank_stability: list[float] = []
         self.push_scale = 1.0  # masked-row push x this, set when the masks freeze
         self._final_stats: ResRepStats | None = None
+
+    def _kernel_rows(self, compacted: set[int]) -> KernelRows | None:
+        """Rows on the group's own weights for every other prunable, exact group (only
+        single-producer ones with ``internal_only``), or None when there is none."""
+        if not self.config.kernel_resetting:
+            return None
+        ids = [
+            g.id
+            for g in self.graph.groups
+            if g.prunable
+            and g.exact
+            and g.channels > 1
+            and g.id not in compacted
+            and not (self.config.internal_only and len(g.producers) > 1)
+        ]
+        return KernelRows(self.model, self.graph, ids) if ids else None
 
     def _schedule(self, to_mask: int) -> ResRepSchedule:
         s, total = self.config.schedule, int(self.total_iters or 0)
@@ -196,6 +232,16 @@ class ResRep(Method):
         active = s.penalty if s.penalty_until is None or self.iteration <= s.penalty_until else 0.0
         if self.config.taylor_prior and self.iteration < s.warmup_iters:
             self._accumulate_prior()
+        if self.kernel is not None:
+            if s.zero_at is not None and self.iteration >= s.zero_at:
+                self.kernel.freeze_masked()  # held at zero: see _zero_masked_rows
+            else:
+                self.kernel.reset_grads(
+                    active=active,
+                    masked=s.masked_penalty * self.push_scale,
+                    eps=s.eps * self.push_scale,
+                    compactor_momentum=s.compactor_momentum,
+                )
         for c in self.compactors:
             q = c.matrix
             grad = c.weight.grad.view_as(q) if c.weight.grad is not None else torch.zeros_like(q)
@@ -219,6 +265,9 @@ class ResRep(Method):
         channels = {g: len(v) for g, v in self.prior_sum.items()}
         for g, v in taylor_saliency(rows, channels).items():
             self.prior_sum[g] += v
+        if self.kernel is not None:
+            for g, v in self.kernel.saliency().items():
+                self.prior_sum[g] += v
 
     def step(self) -> None:
         """Advance one iteration; re-choose masks every ``mask_interval`` after warm-up,
@@ -241,6 +290,8 @@ class ResRep(Method):
         fine-tunes the network that the final model will be."""
         for c in self.compactors:
             c.matrix.mul_(c.mask.view(-1, 1))
+        if self.kernel is not None:
+            self.kernel.hold_masked_at_zero()
 
     def state_dict(self) -> dict:
         """Masks live in the compactors' buffers (the model's state_dict); this is the rest."""
@@ -251,6 +302,7 @@ class ResRep(Method):
             "rank_stability": list(self.rank_stability),
             "final_rounding": (self.final_rounding.round_to, self.final_rounding.fine),
             "push_scale": self.push_scale,
+            "kernel": None if self.kernel is None else self.kernel.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -264,12 +316,17 @@ class ResRep(Method):
             self.rank_stability = [float(x) for x in state["rank_stability"]]
             self.final_rounding = Rounding(*state["final_rounding"])
             self.push_scale = float(state.get("push_scale", 1.0))
+        if self.kernel is not None:
+            self.kernel.load_state_dict(state["kernel"])
 
     # --- masks ---------------------------------------------------------------------------
     def group_scores(self) -> dict[int, np.ndarray]:
-        """Per group and channel: mean compactor row norm over the group's producers, times
-        the Taylor prior (when used), divided by the channel's MACs cost (when cost-aware)."""
+        """Per group and channel: mean compactor row norm over the group's producers (for a
+        group without compactors: its row's norm relative to the start), times the Taylor
+        prior (when used), divided by the channel's MACs cost (when cost-aware)."""
         channels = {g: self.graph.groups[g].channels for g in self.groups}
+        if self.kernel is not None:
+            channels = {g: n for g, n in channels.items() if g not in self.kernel.keep}
         scores = producer_mean(
             (
                 (
@@ -281,6 +338,8 @@ class ResRep(Method):
             ),
             channels,
         )
+        if self.kernel is not None:
+            scores.update(self.kernel.relative_norms())
         if self.config.taylor_prior:
             prior = normalized_prior(self.prior_sum)
             scores = {g: s * prior[g] for g, s in scores.items()}
@@ -290,6 +349,8 @@ class ResRep(Method):
         out = {g: np.ones(self.graph.groups[g].channels) for g in self.groups}
         for c in self.compactors:
             out[c.group][c.channel_index.cpu().numpy()] = c.mask.cpu().numpy()
+        for g, k in (self.kernel.keep if self.kernel is not None else {}).items():
+            out[g] = k.astype(np.float64)
         return out
 
     @torch.no_grad()
@@ -311,16 +372,21 @@ class ResRep(Method):
         new = self._select(scores, None if last else masked_now + s.channels_per_update)
         for c in self.compactors:
             c.mask.copy_(torch.from_numpy(new[c.group][c.channel_index.cpu().numpy()]))
+        if self.kernel is not None:
+            self.kernel.set_keep({g: new[g] > 0 for g in self.kernel.keep})
         if last:  # masks freeze: push harder if a masked row grew beyond what the schedule
             # was sized for (GROWN_NORM), so it still travels twice its norm in time
-            grown = max(
-                (
-                    float(torch.linalg.vector_norm(c.matrix.detach(), dim=1)[c.mask == 0].max())
-                    for c in self.compactors
-                    if (c.mask == 0).any()
-                ),
-                default=0.0,
-            )
+            rows = [
+                torch.linalg.vector_norm(c.matrix.detach(), dim=1)[c.mask == 0]
+                .double()
+                .cpu()
+                .numpy()
+                for c in self.compactors
+            ]
+            if self.kernel is not None:
+                rel = self.kernel.relative_norms()
+                rows += [rel[g][~k] for g, k in self.kernel.keep.items()]
+            grown = max((float(r.max()) for r in rows if r.size), default=0.0)
             self.push_scale = max(1.0, grown / GROWN_NORM)
 
     def _select(self, scores: dict[int, np.ndarray], cap: int | None) -> dict[int, np.ndarray]:
@@ -342,13 +408,14 @@ class ResRep(Method):
         return masks
 
     def masked_rows_above(self, threshold: float | None = None) -> int:
-        """Masked rows that have not yet decayed below the folding threshold."""
+        """Masked rows that have not yet decayed below the folding threshold (a kernel row:
+        below that fraction of its starting norm)."""
         threshold = self.config.fold_threshold if threshold is None else threshold
         count = 0
         for c in self.compactors:
             norms = torch.linalg.vector_norm(c.matrix.detach(), dim=1)
             count += int(((c.mask == 0) & (norms >= threshold)).sum())
-        return count
+        return count + (self.kernel.not_decayed(threshold) if self.kernel is not None else 0)
 
     def masked_fraction_macs(self) -> float:
         """Predicted remaining MACs / dense MACs under the current masks."""
@@ -378,6 +445,8 @@ class ResRep(Method):
                 "whose masked_penalty decays rows in time",
                 stacklevel=2,
             )
+        if self.kernel is not None:  # zeroed already from zero_at; the paper's schedule: now
+            self.kernel.zero_decayed(self.config.fold_threshold)
         return super().finalize(verify=verify)
 
     @property
