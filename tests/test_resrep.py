@@ -679,7 +679,9 @@ def test_kernel_rows_resume_bit_identically(stop: int) -> None:
     train(resumed, data[stop:])
     for g, m in whole.masks().items():
         np.testing.assert_array_equal(resumed.masks()[g], m)
-    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+    for (name, a), b in zip(
+        whole.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
 
 
