@@ -162,3 +162,54 @@ def test_split_attention_prunes_the_same_positions_in_every_radix_split() -> Non
     assert (conv.groups, conv.in_channels, conv.out_channels) == (2, 4, 8)
     assert tuple(conv.weight.shape) == (8, 2, 3, 3)
     assert gm.get_submodule("splat.fc2").out_channels == 8
+
+
+class _Shift(nn.Module):
+    """scale * x + bias with learnable parameters: one value shared by every channel
+    (timm's LearnableAffineBlock, after the activations of HGNet), or one per channel."""
+
+    def __init__(self, channels: int = 1) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((channels, 1, 1), 1.3))
+        self.bias = nn.Parameter(torch.full((channels, 1, 1), 0.2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * x + self.bias
+
+
+def _shifted_net(shift_channels: int) -> nn.Module:
+    return randomize_(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            _Shift(shift_channels),
+            nn.Conv2d(8, 4, 3, padding=1),
+        )
+    )
+
+
+def test_a_shift_shared_by_every_channel_makes_the_group_inexact() -> None:
+    # A zeroed channel comes out of the shared shift as the constant 0.2, which the 3x3
+    # padded consumer sees; removing the channel loses it. The group must say so (masking
+    # methods and ResRep then leave it alone), and the difference must be real.
+    gm, graph = _traced(_shifted_net(1))
+    (group,) = [g for g in graph.groups if g.producers == ("0",)]
+    assert group.prunable and not group.exact
+    assert any("non-zero even when zeroed" in r for r in group.inexact_reasons)
+    x = torch.randn(ZOO_INPUT_SHAPE)
+    plan = {group.id: np.arange(1, 8)}
+    with torch.no_grad():
+        zero_dropped_channels(gm, graph, plan)
+        zeroed = gm(x)
+        pruned = prune_channels(gm, plan=plan, round_to=1).gm(x)
+    assert not torch.allclose(pruned, zeroed, atol=1e-3)
+    # With a shift per channel, its entries are the channel's own: zeroed with it, exact.
+    gm, graph = _traced(_shifted_net(8))
+    (group,) = [g for g in graph.groups if g.producers == ("0",)]
+    assert group.prunable and group.exact
+    with torch.no_grad():
+        zero_dropped_channels(gm, graph, plan)
+        zeroed = gm(x)
+        pruned = prune_channels(gm, plan=plan, round_to=1).gm(x)
+    torch.testing.assert_close(pruned, zeroed, atol=1e-5, rtol=1e-5)

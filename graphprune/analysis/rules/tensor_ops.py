@@ -147,18 +147,21 @@ def _binary(b: Builder, node: fx.Node, m: object) -> object:
     if not tensors:
         return TensorChannels.free() if params else None
     x = tensors[0][0] if len(tensors) == 1 else _unify(b, tensors[0], tensors[1], out_nd)
-    _bind_params(b, params, x, out_nd)
-    return x.marked_nonzero(_nonzero_after(node, tensors, params))
+    bound = _bind_params(b, params, x, out_nd)
+    return x.marked_nonzero(_nonzero_after(node, tensors, params, bound))
 
 
-def _bind_params(b: Builder, params: list[ParamValue], x: TensorChannels, out_nd: int) -> None:
-    """Parameters broadcast against ``x`` hold producer-side entries of its channels."""
+def _bind_params(b: Builder, params: list[ParamValue], x: TensorChannels, out_nd: int) -> int:
+    """Parameters broadcast against ``x`` hold producer-side entries of its channels. Returns
+    how many did; the others (a scalar, or one varying only off the channel dims) are shared
+    by every channel, so zeroing a channel does not zero them."""
     for p in params:
         p_shape = param_shape(b, p)
         for axis, size in enumerate(p_shape):
             d = axis + out_nd - len(p_shape)
             if size > 1 and d in x.dims:
                 b.site(p.path, param_axis(p, axis), x.along(d), "out")
+    return sum(_per_channel(b, p, x, out_nd) for p in params)
 
 
 @register(torch.addcmul, "addcmul")
@@ -172,7 +175,7 @@ def _addcmul(b: Builder, node: fx.Node, m: object) -> TensorChannels:
         v = b.value(a)
         if isinstance(v, ParamValue):
             params.append(v)
-            zero.append(True)
+            zero.append(None)  # zero with the channel if its entries are per channel
         elif isinstance(v, TensorChannels):
             tensors.append((v.offset_dims(out_nd - len(_shape(a))), _shape(a)))
             zero.append(v.carries and not v.nonzero_when_zeroed)
@@ -184,11 +187,22 @@ def _addcmul(b: Builder, node: fx.Node, m: object) -> TensorChannels:
     for other in tensors[1:]:
         x = _unify(b, (x, tensors[0][1]), other, out_nd)
     _bind_params(b, params, x, out_nd)
+    zero = [
+        _per_channel(b, b.value(a), x, out_nd) if z is None else z
+        for z, a in zip(zero, node.args[:3], strict=True)
+    ]
     return x.marked_nonzero(not (zero[0] and (zero[1] or zero[2])))
 
 
-def _nonzero_after(node: fx.Node, tensors, params) -> bool:
-    """Can a zeroed channel be non-zero in the result? (0 + c, 0 / 0, sigmoid(0) * 1, ...)"""
+def _per_channel(b: Builder, p: ParamValue, x: TensorChannels, out_nd: int) -> bool:
+    """Does ``p`` have its own entries for ``x``'s channels (sized along a channel dim)?"""
+    shape = param_shape(b, p)
+    return any(n > 1 and i + out_nd - len(shape) in x.dims for i, n in enumerate(shape))
+
+
+def _nonzero_after(node: fx.Node, tensors, params, bound: int) -> bool:
+    """Can a zeroed channel be non-zero in the result? (0 + c, 0 / 0, sigmoid(0) * 1, ...)
+    ``bound`` of the ``params`` have per-channel entries (zeroed with the channel)."""
     flags = [t.nonzero_when_zeroed for t, _ in tensors]
     carries = [t.carries for t, _ in tensors]
     scalars = [a for a in node.args[:2] if isinstance(a, (int, float))]
@@ -204,8 +218,15 @@ def _nonzero_after(node: fx.Node, tensors, params) -> bool:
             return flags[0] or tensors[1][0].carries
         numerator_is_tensor = len(tensors) == 1 and node.args[0] is not None and not params
         return flags[0] if numerator_is_tensor and isinstance(node.args[1], (int, float)) else True
-    # addition: a non-zero constant or a tensor without these channels shifts a zero channel
-    return any(flags) or any(v != 0 for v in scalars) or (len(tensors) == 2 and not all(carries))
+    # addition: a non-zero constant, a parameter shared by all channels (a learnable scalar
+    # shift, as timm's LearnableAffineBlock adds) or a tensor without these channels shifts
+    # a zero channel
+    return (
+        any(flags)
+        or any(v != 0 for v in scalars)
+        or bound < len(params)
+        or (len(tensors) == 2 and not all(carries))
+    )
 
 
 def _unify(b: Builder, left, right, out_nd: int) -> TensorChannels:
