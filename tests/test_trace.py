@@ -182,3 +182,36 @@ def test_example_inputs_other_than_tensors_say_what_to_pass(bad, tmp_path) -> No
     for call in (lambda: trace(model, bad), lambda: export_onnx(model, bad, tmp_path / "x.onnx")):
         with pytest.raises(TypeError, match=r"non-empty tuple of tensors, e.g. \(x,\)"):
             call()
+
+
+class _CachingHead(nn.Module):
+    """Caches a tensor made from its input and the shape it is for, as ultralytics' Detect
+    head caches its anchors: a later call with the same shape reuses it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.shape = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shape != x.shape:
+            self.grid = torch.arange(x.shape[-1], dtype=x.dtype, device=x.device)
+            self.shape = x.shape
+        return self.conv(x) + self.grid
+
+
+def test_shape_runs_on_meta_leave_no_cached_meta_tensor_behind() -> None:
+    from graphprune.frontend.trace import on_meta
+    from graphprune.planning.macs import count_macs
+
+    head = _CachingHead()
+    x = torch.randn(1, 3, 5, 5)
+    out = on_meta(head, (x,))
+    assert out.device.type == "meta"
+    assert head.shape is None and "grid" not in vars(head)
+    count_macs(head, (x,))  # runs on meta too
+    torch.testing.assert_close(head(x), head.conv(x) + torch.arange(5.0))
+    # A cache made by a real call survives a MACs count unchanged.
+    grid = head.grid
+    assert count_macs(head, (x,)).macs == 3 * 4 * 25
+    assert head.grid is grid and head.grid.device.type == "cpu"

@@ -248,12 +248,21 @@ def on_meta(module: nn.Module, inputs: Sequence[torch.Tensor]):
         for store in (m._parameters, m._buffers)
         for name, t in store.items()
     ]
+    # Modules that cache what they compute (ultralytics' Detect keeps its anchors and the
+    # input shape they are for) would keep meta tensors; every plain attribute is put back.
+    attributes = [(m, dict(m.__dict__)) for m in module.modules()]
     try:
         return torch.func.functional_call(module, state, tuple(t.to("meta") for t in inputs))
     finally:
         for store, name, t in originals:
             if store.get(name) is not t:
                 store[name] = t
+        for m, before in attributes:
+            for name in [k for k in m.__dict__ if k not in before]:
+                del m.__dict__[name]
+            for name, value in before.items():
+                if m.__dict__.get(name) is not value:
+                    m.__dict__[name] = value
 
 
 @torch.no_grad()
