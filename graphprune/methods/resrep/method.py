@@ -145,14 +145,7 @@ class ResRep(Method):
         compacted = {c.group for c in self.compactors}
         self.kernel = self._kernel_rows(compacted)
         if not self.compactors and self.kernel is None:
-            raise PlanError(
-                "ResRep found no group it can prune (no prunable, exact channel group"
-                + (
-                    "; kernel_resetting=False leaves only groups made by dense Conv2d layers)"
-                    if not self.config.kernel_resetting
-                    else ")"
-                )
-            )
+            raise PlanError(self._nothing_to_prune())
         self.groups = sorted(compacted | set(self.kernel.groups if self.kernel else ()))
         channels = {g: self.graph.groups[g].channels for g in self.groups}
         self.costs = channel_costs(self.graph, self.layer_macs, self.groups)
@@ -175,6 +168,21 @@ class ResRep(Method):
         self.rank_stability: list[float] = []
         self.push_scale = 1.0  # masked-row push x this, set when the masks freeze
         self._final_stats: ResRepStats | None = None
+
+    def _nothing_to_prune(self) -> str:
+        if not self.config.kernel_resetting:
+            why = "kernel_resetting=False leaves only groups made by dense Conv2d layers"
+        else:
+            inexact = [g for g in self.graph.groups if g.prunable and not g.exact]
+            why = "no prunable channel group"
+            if inexact:
+                why = (
+                    f"its {len(inexact)} prunable groups are all inexact: a zeroed channel "
+                    f"still changes the others ({inexact[0].inexact_reasons[0]}), so masks "
+                    "cannot remove channels losslessly; one-shot pruning can (compress(model, "
+                    "'magnitude') without train_loader, then fine-tune the pruned model)"
+                )
+        return f"ResRep found no group it can prune: {why}"
 
     def _kernel_rows(self, compacted: set[int]) -> KernelRows | None:
         """Rows on the group's own weights for every other prunable, exact group (only
