@@ -268,3 +268,37 @@ def test_final_selection_predicts_and_lands_on_every_zoo_model(name: str, scores
         assert ratio == pytest.approx(sel.macs_fraction, abs=1e-6)
         assert all(len(sel.kept[g]) >= floors[g] for g in gids)
         assert_lands(graph, macs, sel.kept, ratio, target)
+
+
+class _Res2NetUnit(nn.Module):
+    """Res2Net's first unit of a stage: 1x1 conv, split into four; three parts through 3x3
+    convs, the fourth only through average pooling into the concatenation, then 1x1 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 1)
+        self.convs = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1) for _ in range(3))
+        self.pool = nn.AvgPool2d(3, stride=1, padding=1)
+        self.conv3 = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(torch.relu(self.conv1(x)), 4, 1)
+        out = [torch.relu(conv(parts[i])) for i, conv in enumerate(self.convs)]
+        return self.conv3(torch.cat([*out, self.pool(parts[-1])], 1))
+
+
+def test_a_split_part_read_by_no_parameter_is_never_emptied() -> None:
+    # The pooled part has no parameter of its own (no "site"), yet emptying it leaves a
+    # zero-channel tensor. The selection keeps one of its channels however low they score,
+    # and a plan that empties it is refused naming the tensor.
+    x = torch.randn(1, 3, 8, 8)
+    gm = trace(_Res2NetUnit().eval(), (x,))
+    graph = build_channel_graph(gm)
+    (g,) = [grp.id for grp in graph.groups if grp.producers == ("conv1",)]
+    scores = {grp.id: np.ones(grp.channels) for grp in graph.groups if grp.prunable}
+    scores[g] = np.array([9.0] * 12 + [0.1] * 4)  # the pooled part scores lowest
+    macs = count_macs(gm, (x,)).per_layer
+    sel = select_kept(graph, scores, macs, 0.4, rounding=Rounding(1, 1), floors={})
+    assert np.isin(sel.kept[g], np.arange(12, 16)).any()
+    with pytest.raises(PlanError, match="every channel of the output of node"):
+        prune_channels(copy.deepcopy(gm), plan={g: np.arange(12)}, round_to=1)

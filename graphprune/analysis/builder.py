@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from torch import fx
 
 from graphprune.analysis.atoms import TensorChannels, UnionFind
@@ -79,8 +80,35 @@ class ChannelGraph:
     atom_source: np.ndarray  # atom -> index of the op that created it
     sources: list[tuple[str, str]]  # (module or node name, kind) per source index
 
+    _tensor_sides: list[tuple[str, np.ndarray]] | None = field(default=None, repr=False)
+
     def positions(self, atoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.atom_group[atoms], self.atom_pos[atoms]
+
+    def tensor_sides(self) -> list[tuple[str, np.ndarray]]:
+        """(label, atoms) of everything a plan must leave at least one channel in: each
+        parameter axis (site) and each traced tensor that carries channels, unless it only
+        feeds concatenations (a zero-channel part of a cat is fine: that path is gone). Sites
+        alone miss tensors without parameters, e.g. the part of a split that goes through a
+        pooling layer into a concatenation (Res2Net): emptied, the pooling fails."""
+        if self._tensor_sides is None:
+            seen: set[bytes] = set()
+            sides = []
+            labelled = [(f"axis {s.axis} of {s.path}", s.atoms) for s in self.sites] + [
+                (f"the output of node {node.name}", value.all_atoms())
+                for node, value in self.values.items()
+                if isinstance(value, TensorChannels)
+                and value.dims
+                and not all(u.target in _CONCATENATIONS for u in node.users)
+            ]
+            for label, atoms in labelled:
+                atoms = np.unique(atoms.reshape(-1))
+                key = atoms.tobytes()
+                if atoms.size and key not in seen:
+                    seen.add(key)
+                    sides.append((label, atoms))
+            self._tensor_sides = sides
+        return self._tensor_sides
 
     def removed_mask(self, plan: dict[int, np.ndarray]) -> np.ndarray:
         """Boolean per atom: True when the plan drops its channel."""
@@ -159,6 +187,9 @@ class Builder:
         for arg in node.all_input_nodes:
             self.block_value(self.values.get(arg), reason)
         return TensorChannels.unknown()
+
+
+_CONCATENATIONS = (torch.cat, torch.concat, torch.concatenate)
 
 
 def _tensor_values(value: object) -> list[TensorChannels]:

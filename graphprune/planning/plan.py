@@ -82,11 +82,11 @@ def dead_channel_plan(gm: fx.GraphModule, graph: ChannelGraph) -> dict[int, np.n
 def check_nothing_emptied(graph: ChannelGraph, removed: np.ndarray) -> None:
     """A plan may keep a group alive yet drop every channel one member sees (e.g. the half
     of a split a branch reads); that member would be left with zero channels."""
-    for s in graph.sites:
-        if s.atoms.size and removed[s.atoms].all():
-            gids = sorted(set(graph.atom_group[s.atoms].tolist()))
+    for label, atoms in graph.tensor_sides():
+        if removed[atoms].all():
+            gids = sorted(set(graph.atom_group[atoms].tolist()))
             raise PlanError(
-                f"plan removes every channel along axis {s.axis} of {s.path} (groups {gids}); "
+                f"plan removes every channel of {label} (groups {gids}); "
                 "keep at least one of the channels it reads"
             )
 
@@ -158,12 +158,13 @@ def keep_every_member_alive(
     plan: dict[int, np.ndarray],
     scores: Mapping[int, np.ndarray] | None = None,
 ) -> dict[int, np.ndarray]:
-    """Give back one channel to any member (e.g. one half of a split) the plan leaves empty:
-    the best-scoring one it sees, or without scores the lowest-numbered. Updates ``plan``."""
+    """Give back one channel to any tensor side (``ChannelGraph.tensor_sides``, e.g. one half
+    of a split) the plan leaves empty: the best-scoring one it sees, or without scores the
+    lowest-numbered. Updates ``plan``."""
     removed = graph.removed_mask(plan)
-    for s in graph.sites:
-        if s.atoms.size and removed[s.atoms].all():
-            gids, pos = graph.positions(s.atoms.reshape(-1))
+    for _, atoms in graph.tensor_sides():
+        if removed[atoms].all():
+            gids, pos = graph.positions(atoms)
             gid = int(gids[0])
             candidates = np.unique(pos[gids == gid])
             best = (

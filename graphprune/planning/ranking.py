@@ -319,6 +319,11 @@ class _Kept:
             g: rounding.width(floors.get(g, 1), graph.groups[g].channels, tied=self.tied[g])
             for g in scores
         }
+        self.sides = _partial_sides(graph, scores)
+
+    def _side_emptied(self, g: int) -> bool:
+        """Does a tensor reading part of group ``g`` (and only scored groups) keep nothing?"""
+        return any(not any(self.keep[h][pos].any() for h, pos in side) for side in self.sides[g])
 
     @property
     def fraction(self) -> float:
@@ -365,7 +370,7 @@ class _Kept:
         for g, keep in moves:
             self._set(g, keep)
         macs = self.model.macs
-        empty = any(self.model.emptied(g) is not None for g, _ in moves)
+        empty = any(self.model.emptied(g) is not None or self._side_emptied(g) for g, _ in moves)
         for g, keep in reversed(before):
             self._set(g, keep)
         return macs, not empty
@@ -449,6 +454,21 @@ class _Kept:
         kept = {g: np.nonzero(k)[0] for g, k in self.keep.items()}
         frac = self.fraction
         return Selection(kept, self.rounding, frac, frac <= target * (1 + 1e-9))
+
+
+def _partial_sides(graph, scores) -> dict[int, list[list[tuple[int, np.ndarray]]]]:
+    """Per scored group, the tensor sides that read only part of it and nothing unscored, as
+    (group, positions) parts: the ones a selection could empty (a side holding a whole group,
+    or a channel that is never pruned, cannot be)."""
+    out: dict[int, list[list[tuple[int, np.ndarray]]]] = {g: [] for g in scores}
+    for _, atoms in graph.tensor_sides():
+        gids, pos = graph.positions(atoms)
+        parts = [(int(h), np.unique(pos[gids == h])) for h in np.unique(gids)]
+        if any(h not in scores or len(p) == graph.groups[h].channels for h, p in parts):
+            continue
+        for h, _ in parts:
+            out[h].append(parts)
+    return out
 
 
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> float | None:
