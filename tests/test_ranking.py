@@ -302,3 +302,23 @@ def test_a_split_part_read_by_no_parameter_is_never_emptied() -> None:
     assert np.isin(sel.kept[g], np.arange(12, 16)).any()
     with pytest.raises(PlanError, match="every channel of the output of node"):
         prune_channels(copy.deepcopy(gm), plan={g: np.arange(12)}, round_to=1)
+
+
+def test_a_channel_kept_for_a_parameterless_tensor_does_not_overshoot() -> None:
+    # The walk drops the pooled part's channels first (lowest scores); keeping one of them
+    # alive costs MACs, which the selection takes back elsewhere: it still lands under.
+    x = torch.randn(1, 3, 8, 8)
+    gm = trace(_Res2NetUnit().eval(), (x,))
+    graph = build_channel_graph(gm)
+    (g,) = [grp.id for grp in graph.groups if grp.producers == ("conv1",)]
+    macs = count_macs(gm, (x,)).per_layer
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        scores = {grp.id: rng.random(grp.channels) for grp in graph.groups if grp.prunable}
+        scores[g][12:] *= 0.01
+        for target in (0.2, 0.3, 0.45, 0.6, 0.75):
+            sel = select_kept(graph, scores, macs, target, rounding=Rounding(1, 1), floors={})
+            assert sel.reached and sel.macs_fraction <= target + 1e-9
+            assert np.isin(sel.kept[g], np.arange(12, 16)).any()
+            ratio = measured_ratio(copy.deepcopy(gm), graph, x, sel.kept)
+            assert_lands(graph, macs, sel.kept, ratio, target)

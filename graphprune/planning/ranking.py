@@ -266,6 +266,8 @@ def select_kept(
             min_keep=floors,
         )
         kept = _Kept(graph, scores, layer_macs, plan, r, floors)
+        if reached:  # channels given back to keep a tensor alive may overshoot: trim first
+            kept.trim(flops_target)
         if reached and max_drop is not None:
             kept.give_back(flops_target)
         elif reached:
@@ -395,6 +397,27 @@ class _Kept:
                 added = macs - self.model.macs
                 ratio = self._gain(g, new) / added if added > 0 else np.inf
                 if ratio > best_ratio:
+                    best, best_ratio = (g, new), ratio
+            if best is None:
+                return
+            self._set(*best)
+
+    def trim(self, target: float) -> None:
+        """Greedy: while above the target, drop the step that loses the least score per MAC
+        it saves (floors and every tensor side respected)."""
+        limit = target * self.model.dense * (1 + 1e-9)
+        while self.model.macs > limit:
+            best, best_ratio = None, np.inf
+            for g in self.keep:
+                new = self.step_down(g)
+                if new is None:
+                    continue
+                macs, ok = self._try([(g, new)])
+                saved = self.model.macs - macs
+                if not ok or saved <= 0:
+                    continue
+                ratio = -self._gain(g, new) / saved
+                if ratio < best_ratio:
                     best, best_ratio = (g, new), ratio
             if best is None:
                 return
