@@ -15,6 +15,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS: list[dict] = []
+RESREP_RECORDS: list[dict] = []
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -25,6 +26,8 @@ def write_results(config: pytest.Config) -> None:
     out = config.getoption("--zoo-out")
     if out and RECORDS:
         render(Path(out), RECORDS)
+    if out and RESREP_RECORDS:
+        render_resrep(Path(out), RESREP_RECORDS)
 
 
 def render(out: Path, records: list[dict]) -> None:
@@ -61,6 +64,42 @@ def render(out: Path, records: list[dict]) -> None:
     )
     skipped = {**SKIPPED, **SKIP_REASONS}
     (out / "COVERAGE.md").write_text(markdown(records, skipped, KNOWN, header=header))
+
+
+def render_resrep(out: Path, records: list[dict]) -> None:
+    """benchmarks/results/zoo_resrep.json and ZOO_RESREP.md from ResRep records."""
+    results = out / "benchmarks" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    meta = machine()
+    (results / "zoo_resrep.json").write_text(
+        json.dumps({"machine": meta, "records": records}, indent=1)
+    )
+    lines = [
+        "# ResRep on real zoos",
+        "",
+        "`tests_zoo/test_zoo_resrep.py` (`make test-zoo`): ResRep through its training hooks "
+        "for 6 steps (batch 2 of random images; masks chosen at steps 1-3, masked rows zeroed "
+        "from step 5) to 0.5 of the MACs, then finalize. *compactor* / *kernel*: groups whose "
+        "rows are compactors (dense conv producers) / the group's own weights (depthwise-"
+        "separable blocks, Linear producers, layer scales). *fold error*: max |finalized - "
+        "trained| / max |trained| in eval mode. *ok*: fold error <= 1e-4 and the MACs within "
+        "0.01 under the target (or as close as channel steps allow).",
+        "",
+        f"Produced on {meta['date']}, {meta['cpu']}, torch {meta['torch']}, {meta['libs']}.",
+        "",
+        "| model | status | compactor groups | kernel groups | reached | fold error | s | reason |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        reached = "" if r["reached"] is None else f"{r['reached']:.4f}"
+        err = "" if r["fold_error"] is None else f"{r['fold_error']:.1e}"
+        secs = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
+        reason = r["reason"].replace("|", "/")
+        lines.append(
+            f"| {r['source']}/{r['name']} | {r['status']} | {r['compactor_groups']} | "
+            f"{r['kernel_groups']} | {reached} | {err} | {secs} | {reason} |"
+        )
+    (out / "ZOO_RESREP.md").write_text("\n".join(lines) + "\n")
 
 
 def machine() -> dict:

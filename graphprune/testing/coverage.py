@@ -223,3 +223,129 @@ def check_model(
     elif not info["untouched"]:
         status, reason = "mutated", "compress changed the user's model"
     return ZooRecord(**base, **info, status=status, reason=reason)
+
+
+@dataclass(frozen=True, slots=True)
+class ResRepRecord:
+    """ResRep on one real model: a short run through its training hooks, then finalize."""
+
+    name: str
+    source: str
+    status: str  # ok, refused (PlanError), inexact, missed (not within TOLERANCE), error
+    reason: str = ""
+    compactor_groups: int = 0  # groups whose rows are compactors (dense conv producers)
+    kernel_groups: int = 0  # groups whose rows are their own weights (kernel_rows.py)
+    reached: float | None = None
+    fold_error: float | None = None  # max |finalized - trained| / max |trained|, eval mode
+    seconds: float | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+# A short ResRep schedule for the zoo: warm-up 1 step, masks chosen at steps 1-3 (the last one
+# lands on the target), masked rows pushed for 2 steps and zeroed from step 5; 6 steps run.
+RESREP_STEPS = 6
+
+
+def check_resrep(
+    name: str,
+    source: str,
+    build: Callable[[], nn.Module],
+    input_shape: tuple[int, ...],
+    *,
+    target: float = 0.5,
+    fold_tol: float = 1e-4,
+    seed: int = 0,
+) -> ResRepRecord:
+    """Train ResRep for RESREP_STEPS steps (batch 2 of random images, the mean square of every
+    output as the loss, so classifiers, detectors and segmenters alike), then check the
+    finalized model computes what the trained one did (eval mode) and lands within TOLERANCE
+    under the target (or as close as channel steps allow). Never raises."""
+    from graphprune.errors import PlanError
+    from graphprune.frontend.fallback import trace_with_fallback
+    from graphprune.methods.resrep import ResRep, ResRepSchedule
+    from graphprune.planning.macs import count_macs
+    from graphprune.testing.method_runs import assert_lands
+
+    schedule = ResRepSchedule(
+        warmup_iters=1,
+        mask_interval=1,
+        channels_per_update=10**9,
+        penalty=1e-4,
+        masked_penalty=1e-2,
+        compactor_momentum=0.9,
+        mask_until=3,
+        zero_at=5,
+        penalty_until=3,
+    )
+    base = dict(name=name, source=source)
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    try:
+        model = _no_zero_layers(build().train(), seed)
+        x = torch.randn(input_shape)
+        gm = trace_with_fallback(model, (x,))
+        dense = count_macs(gm, (x,)).macs
+        rr = ResRep(gm, flops_target=target, total_iters=RESREP_STEPS, lr=0.01, schedule=schedule)
+    except PlanError as exc:
+        return ResRepRecord(**base, status="refused", reason=_short(exc, 1000))
+    except Exception as exc:
+        return ResRepRecord(**base, status="error", reason="prepare: " + _short(exc))
+    rows = dict(
+        compactor_groups=len({c.group for c in rr.compactors}),
+        kernel_groups=len(rr.kernel.groups) if rr.kernel is not None else 0,
+    )
+    try:
+        opt = torch.optim.SGD(rr.param_groups(0.01, momentum=0.0), lr=0.01, momentum=0.0)
+        batch = torch.randn(2, *input_shape[1:], generator=torch.Generator().manual_seed(seed))
+        for _ in range(RESREP_STEPS):
+            loss = torch.stack([t.float().pow(2).mean() for t in _flatten(rr.model(batch))])
+            opt.zero_grad()
+            loss.mean().backward()
+            rr.after_backward()
+            opt.step()
+            rr.step()
+        rr.model.eval()
+        kept = {g: np.nonzero(m)[0] for g, m in rr.masks().items()}
+        with torch.no_grad():
+            trained = _flatten(rr.model(x))
+            pruned = rr.finalize()
+            final = _flatten(pruned(x))
+        reached = count_macs(pruned, (x,)).macs / dense
+    except Exception as exc:
+        return ResRepRecord(**base, **rows, status="error", reason="train/finalize: " + _short(exc))
+    err = 0.0
+    for a, b in zip(trained, final, strict=True):
+        scale = a.abs().max().item() if a.numel() else 0.0
+        diff = (a - b).abs().max().item() if a.numel() else 0.0
+        err = max(err, diff / max(scale, 1e-12))
+    status, reason = "ok", ""
+    if not err <= fold_tol:
+        status, reason = "inexact", f"finalize moved outputs by {err:.2e}"
+    else:
+        try:
+            assert_lands(rr.graph, rr.layer_macs, kept, reached, target)
+        except AssertionError as exc:
+            status, reason = "missed", _short(exc)
+    return ResRepRecord(
+        **base,
+        **rows,
+        status=status,
+        reason=reason,
+        reached=reached,
+        fold_error=err,
+        seconds=time.perf_counter() - start,
+    )
+
+
+@torch.no_grad()
+def _no_zero_layers(model: nn.Module, seed: int) -> nn.Module:
+    """Small random weights for conv/linear layers initialised to zero (timm zero-initialises
+    some classifier heads), so comparing outputs before and after finalize is not vacuous."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and w is not None and not w.any():
+            w.copy_(0.02 * torch.randn(w.shape, generator=g))
+    return model
