@@ -222,6 +222,41 @@ def test_a_mode_dependent_submodule_is_frozen_and_the_rest_pruned() -> None:
     assert result.report.macs_ratio <= 0.71
 
 
+class FlagBatchNorm(nn.BatchNorm2d):
+    """timm's BatchNormAct2d passes its training flag to F.batch_norm: only that argument
+    differs between the modes, which the traced graph can follow."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+            0.1, self.eps,
+        )  # fmt: skip
+
+
+class FlagNormThenCachedBias(WithCachedBias):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), FlagBatchNorm(16), nn.ReLU())
+
+
+def test_a_mode_flag_argument_before_mode_dependent_code_is_not_blamed() -> None:
+    # The first difference between the modes is F.batch_norm's flag; the code that really
+    # depends on the mode (the bias cache) comes later. Only its module may be frozen, not
+    # every norm (timm's EfficientFormerV2 froze all 30 BatchNormAct2d that way).
+    torch.manual_seed(0)
+    model = FlagNormThenCachedBias().eval()
+    gm = trace_with_fallback(model, (X,))
+    assert list(frozen_submodules(gm)) == ["attn"]
+    assert any(n.target is F.batch_norm for n in gm.graph.nodes)
+    with torch.no_grad():
+        for mode in (False, True):
+            torch.testing.assert_close(gm.train(mode)(X), model.train(mode)(X))
+    model.eval()
+    result = gp.compress(model, "magnitude", example_inputs=(X,), flops_target=0.7, round_to=1)
+    assert result.model.get_submodule("a.0").out_channels < 16
+    assert result.report.macs_ratio <= 0.71
+
+
 class TableScale(nn.Module):
     """A plain tensor attribute (not a buffer) and a tensor made in forward: fx stores both as
     ``_tensor_constantN`` attributes of the root, numbered on by every further trace."""

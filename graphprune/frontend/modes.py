@@ -155,13 +155,22 @@ def _owner_class(n: fx.Node) -> str:
 
 def _refuse(model: nn.Module, our_graph: fx.Graph, their_graph: fx.Graph) -> NoReturn:
     """Name the first op that differs (not a module call: those differ only as users), or
-    the module that calls different submodules in the two modes."""
+    the module that calls different submodules in the two modes.
+
+    A boolean argument that only flips with the mode (``F.batch_norm(..., training=...)``)
+    is not the culprit: ``bind_training_flags`` binds those once the rest agrees. Blaming it
+    froze every BatchNormAct2d of timm's EfficientFormerV2, whose real mode-dependent code
+    is its attention's bias cache."""
     ours, theirs = list(our_graph.nodes), list(their_graph.nodes)
     rename = _align_constants(model, ours, theirs)
     i = next(
         i
         for i in range(max(len(ours), len(theirs)))
-        if i >= min(len(ours), len(theirs)) or _key(ours[i]) != _key(theirs[i], rename)
+        if i >= min(len(ours), len(theirs))
+        or (
+            _key(ours[i]) != _key(theirs[i], rename)
+            and _mode_literals([ours[i]], [theirs[i]], rename) is None
+        )
     )
     a = ours[i] if i < len(ours) else None
     b = theirs[i] if i < len(theirs) else None
