@@ -74,12 +74,22 @@ def _slice_tensors(gm: fx.GraphModule, graph: ChannelGraph, removed: np.ndarray)
 
 def _shrink_ops(gm: fx.GraphModule, graph: ChannelGraph, removed: np.ndarray, old_shapes) -> None:
     """Let each op's registry entry make its attributes and arguments agree with the sliced
-    tensors (module attributes, split sizes, slice bounds, view shapes)."""
+    tensors (module attributes, split sizes, slice bounds, view shapes).
+
+    A module called more than once (timm's CoaT shares one set of depthwise convs between
+    the blocks of a stage) has one set of attributes: they are set at its first call, from
+    that call's channels (all calls share the sliced weights, so they agree). A second
+    shrink would read the attributes it already changed as if they were the old ones."""
     ctx = Shrink(gm, graph.values, old_shapes, removed)
+    shrunk: set[int] = set()
     for node in list(gm.graph.nodes):
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if module is not None:
+            if id(module) in shrunk:
+                continue
+            shrunk.add(id(module))
         entry = rules.lookup(node, module)
         if entry is not None and entry.shrink is not None:
             entry.shrink(ctx, node, module)

@@ -84,20 +84,25 @@ def test_grn_groups_are_inexact_and_prune_like_a_narrower_model() -> None:
     prune_channels(gm, plan={grn0.id: keep0, grn.id: keep}, round_to=1)
     verify(gm)
 
-    narrow = ConvNeXtV2(c=len(keep0), hidden=len(keep)).eval()
-    by_size = {16: torch.tensor(keep0), 32: torch.tensor(keep)}
+    narrow = _narrow_copy(model, ConvNeXtV2(c=len(keep0), hidden=len(keep)), {16: keep0, 32: keep})
+    x = torch.randn(2, *ZOO_INPUT_SHAPE[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), narrow(x), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(gm(x), model(x), atol=1e-3)  # pruning did change it
+
+
+def _narrow_copy(model: nn.Module, narrow: nn.Module, keep: dict[int, list[int]]) -> nn.Module:
+    """``narrow`` (the same architecture, built narrower) with ``model``'s weights of the
+    kept channels: along each axis whose size differs, the indices ``keep[old size]``."""
     state = {}
     for name, t in model.state_dict().items():
         want = narrow.state_dict()[name].shape
         for axis in range(t.dim()):
             if t.shape[axis] != want[axis]:
-                t = t.index_select(axis, by_size[t.shape[axis]])
+                t = t.index_select(axis, torch.tensor(keep[t.shape[axis]]))
         state[name] = t
     narrow.load_state_dict(state)
-    x = torch.randn(2, *ZOO_INPUT_SHAPE[1:])
-    with torch.no_grad():
-        torch.testing.assert_close(gm(x), narrow(x), atol=1e-5, rtol=1e-5)
-        assert not torch.allclose(gm(x), model(x), atol=1e-3)  # pruning did change it
+    return narrow.eval()
 
 
 def _group_with(graph, member: str):
@@ -213,3 +218,133 @@ def test_a_shift_shared_by_every_channel_makes_the_group_inexact() -> None:
         zeroed = gm(x)
         pruned = prune_channels(gm, plan=plan, round_to=1).gm(x)
     torch.testing.assert_close(pruned, zeroed, atol=1e-5, rtol=1e-5)
+
+
+class _SharedDepthwise(nn.Module):
+    """Two blocks that call one depthwise conv (timm's CoaT shares its ConvRelPosEnc convs
+    between the serial blocks of a stage)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 12, 1)
+        self.b = nn.Conv2d(3, 12, 1)
+        self.dw = nn.Conv2d(12, 12, 3, padding=1, groups=12)
+        self.head = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dw(self.a(x)) * self.dw(self.b(x)))
+
+
+def test_a_module_called_twice_shrinks_once_and_stays_exact() -> None:
+    # Shrinking at the second call read the attributes the first call had already changed
+    # (12 channels as 7 groups) and failed. Both calls share the sliced weights.
+    gm, graph = _traced(randomize_(_SharedDepthwise()))
+    (group,) = [g for g in graph.groups if "dw.weight[0]" in {m.name for m in g.members}]
+    assert group.prunable and group.exact and set(group.producers) >= {"a", "b"}
+    plan = {group.id: [0, 2, 3, 5, 8, 9, 11]}
+    x = torch.randn(2, *ZOO_INPUT_SHAPE[1:])
+    with torch.no_grad():
+        zero_dropped_channels(gm, graph, plan)
+        zeroed = gm(x)
+        prune_channels(gm, plan=plan, round_to=1)
+        verify(gm)
+        torch.testing.assert_close(gm(x), zeroed, atol=1e-5, rtol=1e-5)
+    dw = gm.get_submodule("dw")
+    assert (dw.in_channels, dw.out_channels, dw.groups) == (7, 7, 7)
+
+
+class _RowLSTM(nn.Module):
+    """A bidirectional LSTM over the rows of a feature map, added back to it (timm's
+    Sequencer2d: BiLSTM2D between channel MLPs)."""
+
+    def __init__(self, layers: int = 1) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3, padding=1)
+        self.rnn = nn.LSTM(12, 5, num_layers=layers, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(10, 12)
+        self.head = nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x).permute(0, 2, 3, 1)
+        b, h, w, c = x.shape
+        rows, _ = self.rnn(x.reshape(b * h, w, c))
+        x = x + self.fc(rows.reshape(b, h, w, -1))
+        return self.head(x.mean((1, 2)))
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_a_recurrent_layer_prunes_its_input_features_exactly(layers: int) -> None:
+    """The features an LSTM reads are columns of its first layer's input weights (both
+    directions); its hidden units stay. Removing zeroed features leaves the outputs as they
+    were, the module runs on its new weights, and the MAC model predicts what is counted."""
+    from graphprune import count_macs
+    from graphprune.planning.selection import MacsModel
+
+    torch.manual_seed(0)
+    model = _RowLSTM(layers).eval()
+    gm, graph = _traced(model)
+    (stream,) = [g for g in graph.groups if "rnn.weight_ih_l0[1]" in {m.name for m in g.members}]
+    assert stream.prunable and stream.exact
+    assert "rnn.weight_ih_l0_reverse[1]" in {m.name for m in stream.members}
+    hidden = [g for g in graph.groups if "rnn" in g.producers]
+    assert hidden and not any(g.prunable for g in hidden)
+    plan = {stream.id: [0, 1, 4, 6, 7, 10, 11]}
+    x = torch.randn(2, *ZOO_INPUT_SHAPE[1:])
+    dense = count_macs(gm, (torch.randn(ZOO_INPUT_SHAPE),))
+    assert dense.per_layer["fc"] > 0  # a Linear on a reshaped LSTM output runs as bmm
+    predicted = MacsModel(graph, dense.per_layer)
+    predicted.set_kept(stream.id, np.asarray(plan[stream.id]))
+    with torch.no_grad():
+        zero_dropped_channels(gm, graph, plan)
+        zeroed = gm(x)
+        prune_channels(gm, plan=plan, round_to=1)
+        verify(gm)
+        torch.testing.assert_close(gm(x), zeroed, atol=1e-5, rtol=1e-5)
+    rnn = gm.get_submodule("rnn")
+    assert rnn.input_size == 7 and rnn.weight_ih_l0_reverse.shape == (20, 7)
+    counted = count_macs(gm, (torch.randn(ZOO_INPUT_SHAPE),))
+    assert counted.per_layer["rnn"] < dense.per_layer["rnn"]
+    assert counted.macs == pytest.approx(predicted.macs)
+
+
+class _PoolFormerV2(nn.Module):
+    """timm's PoolFormerV2 block, small: GroupNorm with one group (a LayerNorm over C, H, W),
+    pooling token mixer, and an MLP whose StarReLU squares a ReLU (``x ** 2``)."""
+
+    def __init__(self, c: int = 16, hidden: int = 32) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.norm1, self.norm2 = nn.GroupNorm(1, c), nn.GroupNorm(1, c)
+        self.pool = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+        self.fc1, self.fc2 = nn.Conv2d(c, hidden, 1), nn.Conv2d(hidden, c, 1)
+        self.head = nn.Linear(c, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.norm1(x)
+        x = x + self.pool(y) - y
+        x = x + self.fc2(0.8 * F.relu(self.fc1(self.norm2(x))) ** 2)
+        return self.head(x.mean((2, 3)))
+
+
+def test_one_group_groupnorm_and_a_square_prune_like_a_narrower_model() -> None:
+    """A one-group GroupNorm lets any channel go (its statistics change: inexact), as
+    LayerNorm does, instead of tying every channel into one; ``x ** 2`` passes channels
+    through. Pruned, the model equals the same architecture built narrower."""
+    torch.manual_seed(0)
+    model = randomize_(_PoolFormerV2()).eval()
+    gm, graph = _traced(model)
+    stream = _group_with(graph, "norm1.weight[0]")
+    hidden = _group_with(graph, "fc1.weight[0]")
+    assert stream.prunable and stream.channels == 16 and not stream.exact
+    assert {"stem.weight[0]", "norm2.weight[0]", "fc2.weight[0]"} <= _names(stream)
+    assert hidden.prunable and hidden.exact and hidden.channels == 32
+    keep_c, keep_h = [0, 2, 3, 7, 8, 13, 14], list(range(1, 32, 3))
+    prune_channels(gm, plan={stream.id: keep_c, hidden.id: keep_h}, round_to=1)
+    verify(gm)
+    assert gm.get_submodule("norm1").num_groups == 1
+
+    narrow = _narrow_copy(model, _PoolFormerV2(len(keep_c), len(keep_h)), {16: keep_c, 32: keep_h})
+    x = torch.randn(2, *ZOO_INPUT_SHAPE[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), narrow(x), atol=1e-5, rtol=1e-5)

@@ -18,6 +18,10 @@ from graphprune.frontend.modes import eval_mode
 # Convolutions and the matrix products nn.Linear lowers to; activation-activation products
 # (bmm of attention) are not counted, as in the papers' convention.
 _MAC_OPS = ("aten.convolution", "aten.mm", "aten.addmm")
+# Inside a layer with weights a batched product is still input x weight: nn.Linear on a
+# non-contiguous input of 3+ dims (an LSTM's output reshaped) lowers to bmm on meta tensors.
+_WEIGHT_BMM = ("aten.bmm", "aten.baddbmm")
+_WEIGHTED = (nn.Linear, nn.RNNBase)
 UNATTRIBUTED = "<outside any leaf module>"
 
 
@@ -59,26 +63,36 @@ def count_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> Macs
     root = type(model).__name__
     per_layer: dict[str, int] = {}
     total = 0
+    extra: dict[str, int] = {}  # weight products counted only inside weighted layers
     for scope, ops in counts.items():
-        macs = _macs(ops)
         if scope == "Global":
-            total = macs
+            total = _macs(ops)
         elif scope.startswith(root + "."):
             name = scope[len(root) + 1 :]
             # Keep leaf modules only: a parent scope repeats its children's counts.
-            per_layer[name] = macs
+            per_layer[name] = _macs(ops, _is_weighted(model, name))
+            extra[name] = per_layer[name] - _macs(ops)
     leaves = {
         name: macs
         for name, macs in per_layer.items()
         if macs and not any(other.startswith(name + ".") for other in per_layer)
     }
+    total += sum(extra[name] for name in leaves)
     if total > sum(leaves.values()):
         leaves[UNATTRIBUTED] = total - sum(leaves.values())
     return MacsReport(macs=total, params=count_params(model), per_layer=leaves)
 
 
-def _macs(ops: Mapping[object, int]) -> int:
-    return sum(v for op, v in ops.items() if str(op) in _MAC_OPS) // 2
+def _macs(ops: Mapping[object, int], weighted: bool = False) -> int:
+    names = _MAC_OPS + _WEIGHT_BMM if weighted else _MAC_OPS
+    return sum(v for op, v in ops.items() if str(op) in names) // 2
+
+
+def _is_weighted(model: nn.Module, name: str) -> bool:
+    try:
+        return isinstance(model.get_submodule(name), _WEIGHTED)
+    except AttributeError:  # a scope FlopCounterMode named differently
+        return False
 
 
 def _from_nodes(gm: fx.GraphModule, flops: Mapping[fx.Node, Mapping[str, int]]) -> MacsReport:
@@ -86,7 +100,7 @@ def _from_nodes(gm: fx.GraphModule, flops: Mapping[fx.Node, Mapping[str, int]]) 
     per_layer: dict[str, int] = {}
     total = 0
     for node, ops in flops.items():
-        macs = _macs(ops)
+        macs = _macs(ops, node.op == "call_module" and _is_weighted(gm, str(node.target)))
         total += macs
         if macs and node.op == "call_module":
             per_layer[str(node.target)] = per_layer.get(str(node.target), 0) + macs

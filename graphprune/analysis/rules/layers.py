@@ -182,10 +182,12 @@ def _batchnorm(b: Builder, node: fx.Node, m: nn.Module) -> TensorChannels:
 
 
 def _shrink_groupnorm(s: Shrink, node: fx.Node, m: nn.GroupNorm) -> None:
-    """Whole groups go (analysis tied them), so channels per group stay the same."""
+    """Whole groups go (analysis tied them), so channels per group stay the same; one group
+    stays one group."""
     kept = s.kept(s.value(node.args[0]), 1)
     if kept is not None and kept != m.num_channels:
-        m.num_groups = m.num_groups * kept // m.num_channels
+        if m.num_groups > 1:
+            m.num_groups = m.num_groups * kept // m.num_channels
         m.num_channels = kept
 
 
@@ -195,9 +197,14 @@ def _groupnorm(b: Builder, node: fx.Node, m: nn.GroupNorm) -> TensorChannels:
     if 1 not in x.dims:
         return x
     atoms = x.along(1)
-    # Statistics are per group: only whole groups can go without changing the others.
-    b.uf.tie_rows(atoms.reshape(m.num_groups, -1))
     t = str(node.target)
+    if m.num_groups == 1:
+        # One group (timm's GroupNorm1, the channels-first LayerNorm of PoolFormer): any
+        # channel can go, like LayerNorm's, but the statistics change: inexact.
+        b.mark_inexact(atoms, f"{t}: GroupNorm statistics include every channel")
+    else:
+        # Statistics are per group: only whole groups can go without changing the others.
+        b.uf.tie_rows(atoms.reshape(m.num_groups, -1))
     if m.affine:
         b.site(f"{t}.weight", 0, atoms, "out")
         b.site(f"{t}.bias", 0, atoms, "out")
@@ -241,3 +248,56 @@ def _prelu(b: Builder, node: fx.Node, m: nn.PReLU) -> TensorChannels:
     if m.num_parameters > 1 and 1 in x.dims:
         b.site(f"{node.target}.weight", 0, x.along(1), "out")
     return x
+
+
+# --- recurrent layers -----------------------------------------------------------------------
+def _shrink_rnn(s: Shrink, node: fx.Node, m: nn.RNNBase) -> None:
+    """input_size from the sliced first-layer weights; the module's cached list of weight
+    tensors is rebuilt, else its forward would still run the old ones."""
+    m.input_size = m.weight_ih_l0.shape[1]
+    m._init_flat_weights()
+
+
+@register(nn.LSTM, nn.GRU, nn.RNN, shrink=_shrink_rnn)
+def _rnn(b: Builder, node: fx.Node, m: nn.RNNBase) -> list:
+    """A recurrent layer consumes its input's features; its hidden units stay.
+
+    The input features enter only the first layer's input weights (``weight_ih_l0`` and, if
+    bidirectional, ``weight_ih_l0_reverse``, along axis 1): a removed feature is a removed
+    column there, exact when the feature is zero. The hidden units (outputs, ``h_n``,
+    ``c_n``) feed the recurrence itself and are not pruned. Timm's Sequencer runs a BiLSTM
+    over each row and column of a feature map; with this rule the channels around it prune.
+
+    MACs: per step and direction, a layer multiplies ``gates * hidden`` rows by its input
+    plus its hidden state. Only the first layer's input width scales with pruning, so the
+    MAC model pairs the input's atoms with as many fixed ones as the rest of the columns
+    (``hidden`` of layer 0, ``(directions + 1) * hidden`` of each further layer).
+    """
+    x = _tc(b, node.args[0])
+    t = str(node.target)
+    if m.proj_size or len(node.args) > 1 or node.kwargs:
+        # Projected LSTMs and a given initial state: their widths are not modelled here.
+        return b.unknown(node, "recurrent layer with proj_size or an initial state")
+    shape = _shape(node.args[0])
+    last = len(shape) - 1
+    if x.dims and x.dims != (last,):
+        raise ChannelError("recurrent layer over a tensor with channels off the feature dim")
+    _consumes(b, node, x)
+    directions = 2 if m.bidirectional else 1
+    reason = f"{t}: hidden units of a recurrent layer are not pruned"
+    out = b.fresh(directions * m.hidden_size, t, "producer")
+    b.block(out, reason)
+    state = [b.fresh(m.hidden_size, t, "producer") for _ in (0, 1)]
+    for atoms in state:
+        b.block(atoms, reason)
+    # Output, h_n and c_n have the input's number of dims, features last.
+    states = [TensorChannels((last,), a) for a in state]
+    fixed = b.fresh(m.hidden_size * (1 + (m.num_layers - 1) * (directions + 1)), t, "producer")
+    b.block(fixed, reason)
+    if x.dims:
+        for suffix in ("", "_reverse")[:directions]:
+            b.site(f"{t}.weight_ih_l0{suffix}", 1, x.atoms, "in")
+        b.mac_layers.append(_mac(t, np.concatenate([x.atoms, fixed]), out))
+    else:
+        b.mac_layers.append(_mac(t, None, out))
+    return [TensorChannels((last,), out), states if isinstance(m, nn.LSTM) else states[0]]

@@ -61,6 +61,17 @@ def _clamp(b: Builder, node: fx.Node, m: object) -> TensorChannels:
     return x.marked_nonzero() if moves_zero or isinstance(low, fx.Node) else x
 
 
+@register(operator.pow, torch.pow, "pow")
+def _pow(b: Builder, node: fx.Node, m: object) -> TensorChannels:
+    """``x ** p`` with a number p (timm's StarReLU squares a ReLU): elementwise; 0 ** p is 0
+    for p > 0 only (1 for p = 0, inf below). A tensor exponent or base is not followed."""
+    base, exponent = node.args[0], _arg(node, 1, "exponent")
+    if not isinstance(base, fx.Node) or not isinstance(exponent, (int, float)):
+        return b.unknown(node, "power with a tensor exponent or a number base")
+    x = _tc(b, base)
+    return x if exponent > 0 else x.marked_nonzero()
+
+
 _SPATIAL = (
     nn.MaxPool1d,
     nn.MaxPool2d,
