@@ -1,6 +1,6 @@
 """graphprune: a graph-level structured-pruning compiler for PyTorch CNNs."""
 
-from graphprune.analysis import ChannelGroup, analyze, build_channel_graph
+from graphprune.analysis import ChannelGroup, analyze, build_channel_graph, prune_whole_heads
 from graphprune.api import CompressionResult, compress, export
 from graphprune.errors import (
     BackendUnavailableError,
@@ -36,5 +36,6 @@ __all__ = [
     "analyze",
     "build_channel_graph",
     "count_macs",
+    "prune_whole_heads",
     "trace",
 ]

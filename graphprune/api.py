@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import fx, nn
 
-from graphprune.analysis import build_channel_graph
+from graphprune.analysis import build_channel_graph, prune_whole_heads
 from graphprune.errors import PlanError
 from graphprune.frontend.fallback import eval_mode_only, frozen_submodules, trace_with_fallback
 from graphprune.frontend.trace import FUNCTIONAL_LAYERS, example_inputs_of
@@ -74,6 +74,7 @@ def compress(
     example_inputs: Sequence[torch.Tensor],
     leaf_modules: Iterable[type[nn.Module]] = (),
     strict: bool = False,
+    prune_heads: bool = False,
     verify: bool = False,
     **options: object,
 ) -> CompressionResult:
@@ -84,6 +85,9 @@ def compress(
     / dense MACs as in the papers, and ``round_to``; ``graphprune methods`` lists the rest)
     and the TrainingOptions. The stages: trace, analyze, build the method (its prepare passes
     run), train through its hooks if it trains, run its finalize passes, report.
+
+    Attention prunes head dims (position j of every head); ``prune_heads=True`` prunes whole
+    heads instead (``graphprune.analysis.prune_whole_heads``).
     """
     options = check_compress_options(options)  # before any tracing or training
     cls = get_method(method)
@@ -94,6 +98,7 @@ def compress(
     iters = iterations_per_epoch(training.train_loader) if trains else None
     start = time.perf_counter()
     gm = trace_with_fallback(model, example_inputs, leaf_modules=leaf_modules)
+    prune_whole_heads(gm, prune_heads)
     frozen = frozen_submodules(gm)  # what fx could not trace, kept whole
     graph = build_channel_graph(gm, strict=strict)
     groups = graph.groups

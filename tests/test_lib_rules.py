@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphprune import trace
-from graphprune.analysis import build_channel_graph
+from graphprune.analysis import build_channel_graph, prune_whole_heads
 from graphprune.passes import prune_channels
 from graphprune.passes.runner import verify
 from graphprune.testing.exactness import random_plan, randomize_, zero_dropped_channels
@@ -112,6 +112,62 @@ def _group_with(graph, member: str):
 
 def _names(group) -> set[str]:
     return {m.name for m in group.members}
+
+
+@pytest.mark.parametrize("kind", ["explicit", "sdpa", "split"])
+def test_whole_heads_prune_q_k_v_rows_and_projection_columns_of_a_head_together(
+    kind: str,
+) -> None:
+    """prune_whole_heads: a channel is one head (its 24 qkv rows, its 8 proj inputs). Removing
+    heads 1 and 2 keeps exactly the rows of heads 0 and 3, the reshapes' heads count follows,
+    and the outputs equal the dense model's with those heads zeroed."""
+    torch.manual_seed(0)
+    model = randomize_(ViT(kind=kind)).eval()
+    x = torch.randn(2, *ZOO_INPUT_SHAPE[1:])
+    gm = prune_whole_heads(trace(model, (x,)))
+    graph = build_channel_graph(gm)
+    qkv = _group_with(graph, "blocks.0.attn.qkv.weight[0]")
+    sizes = {m.name: m.size for m in qkv.members}
+    assert qkv.prunable and qkv.exact and qkv.channels == 4  # heads, not head dims
+    assert sizes == {
+        "blocks.0.attn.qkv.weight[0]": 96,
+        "blocks.0.attn.qkv.bias[0]": 96,
+        "blocks.0.attn.proj.weight[1]": 32,
+    }
+    dense_qkv = model.blocks[0]["attn"].qkv.weight.detach().clone()
+    plan = {qkv.id: [0, 3]}
+    zero_dropped_channels(gm, graph, plan)
+    with torch.no_grad():
+        zeroed = gm(x)
+        prune_channels(gm, plan=plan, round_to=1)
+        torch.testing.assert_close(gm(x), zeroed, atol=1e-5, rtol=1e-5)
+    # Rows of heads 0 and 3: (3, heads, head_dim) for the qkv layout, (heads, q|k|v) for split.
+    if kind == "split":
+        rows = [h * 24 + j for h in (0, 3) for j in range(24)]
+    else:
+        rows = [s * 32 + h * 8 + d for s in range(3) for h in (0, 3) for d in range(8)]
+    torch.testing.assert_close(gm.get_submodule("blocks.0.attn.qkv").weight, dense_qkv[rows])
+    assert gm.get_submodule("blocks.0.attn.proj").in_features == 16
+    assert gm.get_submodule("blocks.1.attn.qkv").out_features == 96  # the other block: whole
+
+
+def test_a_batched_matmul_whose_heads_meet_channels_on_one_side_only_is_refused() -> None:
+    """Whole heads: q's heads against a key tensor that carries no channels would drop slices
+    of one operand only, so the heads stay (blocked), never guessed."""
+
+    class QueryOnly(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q = nn.Linear(8, 8)
+
+        def forward(self, x):
+            q = self.q(x.transpose(1, 2)).reshape(x.shape[0], 3, 4, 2).transpose(1, 2)
+            return (q @ torch.ones(4, 2, 5, device=x.device)).sum()  # no channels
+
+    gm = prune_whole_heads(trace(QueryOnly().eval(), (torch.randn(2, 8, 3),)))
+    (group,) = [g for g in build_channel_graph(gm).groups if "q" in g.producers]
+    assert not group.prunable
+    assert any("one side only" in r for r in group.reasons)
 
 
 @pytest.mark.parametrize("kind", ["explicit", "sdpa", "split"])

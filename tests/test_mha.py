@@ -67,6 +67,40 @@ def test_head_dims_of_multihead_attention_prune_exactly(batch_first, need_weight
     assert gm.get_submodule("attn.out_proj").in_features == 4 * len(plan[v.id])
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_whole_heads_of_multihead_attention_prune_exactly(batch_first) -> None:
+    """prune_whole_heads: head h of q_proj, k_proj and v_proj (8 rows each) and its 8 input
+    columns of out_proj are one channel of one group of 4."""
+    torch.manual_seed(0)
+    model = randomize_(TinyViT(batch_first=batch_first)).eval()
+    gm = gp.prune_whole_heads(gp.trace(model, (X,)))
+    graph = build_channel_graph(gm)
+    heads = _group(graph, "attn.q_proj")
+    assert heads.producers == ("attn.k_proj", "attn.q_proj", "attn.v_proj")
+    assert heads.prunable and heads.exact and heads.channels == 4
+    assert {m.name: m.size for m in heads.members}["attn.out_proj.weight[1]"] == 32
+    plan = check_random_plan_exact(gm, (X,))  # pruned outputs == outputs with them zeroed
+    kept = len(plan[heads.id])
+    assert 0 < kept < 4
+    for name in ("attn.q_proj", "attn.k_proj", "attn.v_proj"):
+        assert gm.get_submodule(name).out_features == 8 * kept
+    assert gm.get_submodule("attn.out_proj").in_features == 8 * kept
+
+
+def test_compress_prunes_whole_heads_when_asked() -> None:
+    torch.manual_seed(0)
+    model = TinyViT().eval()
+    result = gp.compress(
+        model, "magnitude", example_inputs=(X,), flops_target=0.5, round_to=1, prune_heads=True
+    )
+    assert abs(result.report.macs_ratio - 0.5) <= 0.01
+    q = result.model.get_submodule("attn.q_proj").out_features
+    assert q < 32 and q % 8 == 0  # whole heads of 8 went
+    assert result.model.get_submodule("attn.out_proj").in_features == q
+    with torch.no_grad():
+        assert result.model(X).shape == model(X).shape
+
+
 def test_compress_reaches_the_target_through_attention() -> None:
     torch.manual_seed(0)
     model = TinyViT().eval()

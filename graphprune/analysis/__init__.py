@@ -1,7 +1,7 @@
 """Dependency analysis: channel atoms, the per-op rules, and the groups of coupled channels."""
 
 from graphprune.analysis.builder import ChannelGraph, ChannelGroup, MacLayer, Member, Site
-from graphprune.analysis.graph import analyze, build_channel_graph
+from graphprune.analysis.graph import analyze, build_channel_graph, prune_whole_heads
 
 __all__ = [
     "ChannelGraph",
@@ -11,4 +11,5 @@ __all__ = [
     "Site",
     "analyze",
     "build_channel_graph",
+    "prune_whole_heads",
 ]

@@ -127,6 +127,7 @@ class Builder:
 
     gm: fx.GraphModule
     strict: bool = False
+    prune_heads: bool = False  # a channel grid (heads, head_dim) shrinks along heads
     uf: UnionFind = field(default_factory=UnionFind)
     source_of: list[int] = field(default_factory=list)  # atom -> source index
     sources: list[tuple[str, str]] = field(default_factory=list)  # (name, kind)
@@ -190,6 +191,9 @@ class Builder:
 
 
 _CONCATENATIONS = (torch.cat, torch.concat, torch.concatenate)
+
+# gm.meta key: read attention's channel grids as whole heads (see ``prune_whole_heads``).
+PRUNE_HEADS = "graphprune.prune_heads"
 
 
 def _tensor_values(value: object) -> list[TensorChannels]:

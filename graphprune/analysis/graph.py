@@ -15,7 +15,7 @@ import numpy as np
 from torch import fx
 
 from graphprune.analysis.atoms import unique_pairs
-from graphprune.analysis.builder import Builder, ChannelGraph, ChannelGroup, Member
+from graphprune.analysis.builder import PRUNE_HEADS, Builder, ChannelGraph, ChannelGroup, Member
 from graphprune.analysis.rules import apply_rule
 from graphprune.errors import TraceError
 from graphprune.frontend import meta
@@ -23,10 +23,26 @@ from graphprune.frontend import meta
 
 def build_channel_graph(gm: fx.GraphModule, *, strict: bool = False) -> ChannelGraph:
     """Apply every node's channel rule and group the resulting atom classes."""
-    b = Builder(gm, strict=strict)
+    b = Builder(gm, strict=strict, prune_heads=bool(gm.meta.get(PRUNE_HEADS, False)))
     for node in gm.graph.nodes:
         b.values[node] = apply_rule(b, node)
     return _group(b)
+
+
+def prune_whole_heads(gm: fx.GraphModule, on: bool = True) -> fx.GraphModule:
+    """Make every later analysis of ``gm`` prune attention by whole heads instead of head dims.
+
+    A channel dim reshaped into a grid, such as a qkv Linear's (3, heads, head_dim) or a
+    projection's (heads, head_dim), can lose positions along one dim of the grid only, so
+    the kept channels stay a grid. By default that is the last dim (head dims: position j of
+    every head). With this setting it is the second-to-last (heads: every q, k and v row of
+    head h, and head h's input columns of the output projection). The setting is stored on
+    ``gm`` so that the passes that analyze it again (prune_channels, insert_compactors) see
+    the same groups. It applies to every such grid of the model, including a channel
+    shuffle's (groups, channels per group), which then prunes whole shuffle groups.
+    """
+    gm.meta[PRUNE_HEADS] = bool(on)
+    return gm
 
 
 def analyze(gm: fx.GraphModule, *, strict: bool = False) -> list[ChannelGroup]:

@@ -135,7 +135,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                 f"{', '.join(given)}: only for methods that train; {cls.name} does not"
             )
         model, inputs = _load(args.model)
-    result = compress(model, config, example_inputs=inputs, **options)
+    result = compress(model, config, example_inputs=inputs, prune_heads=args.prune_heads, **options)
     if args.out and is_main_process():  # under torchrun every rank has the model; one writes
         save_model(args.out, result.model, inputs, result.report.to_dict())
     barrier()
@@ -298,6 +298,11 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
         "--distill",
         action="store_true",
         help="distill from the dense model while compressing (KL on logits, T=4, weight 0.5)",
+    )
+    s.add_argument(
+        "--prune-heads",
+        action="store_true",
+        help="prune attention by whole heads instead of head dims",
     )
     s.add_argument("--out", help="save the pruned model here (.pt)")
     s.add_argument("--json", action="store_true")

@@ -1,13 +1,19 @@
 """Channel rules of attention: ``matmul``/``@``, ``F.scaled_dot_product_attention``, ``unbind``.
 
-What can be pruned: head dims. A qkv Linear reshaped to (..., 3, heads, head_dim) carries its
-channels on a grid; the reshape rule ties each head-dim column across every head (and across
-q, k, v), so a channel of the group is "position j of every head". Removing it removes q_j
-and k_j from the score sum q·k (both zero when zeroed, so the scores do not change) and v_j
-from the output (a zero column), then the matching input column of the output projection.
-The heads count never shrinks: a head slice holds every class of the grid, so removing one
-would empty the layer, which plans may not do. Whole-head pruning needs the reshape to shrink
-the heads dim instead, which the atom model does not express; it is refused, not guessed.
+A qkv Linear reshaped to (..., 3, heads, head_dim) carries its channels on a grid, and the
+reshape rule lets the grid shrink along one dim only, so the kept channels stay a grid:
+
+- **Head dims** (the default): each head-dim column is tied across every head (and across q,
+  k, v), so a channel of the group is "position j of every head". The heads dim is then a
+  batch dim whose slices all hold the same channels, which attention passes through.
+  Removing q_j and k_j removes a term of every score sum q·k (both zero when zeroed, so the
+  scores do not change) and v_j a zero column of the output, then the matching input
+  column of the output projection.
+- **Whole heads** (``prune_whole_heads``): each head's slice is tied into one channel: its q,
+  k and v rows and its input columns of the output projection. The heads dim is a batch dim
+  that shrinks: a batched matmul (or attention) unites head h of both operands, and its
+  output carries head h too. A zeroed head has zero v, so its output is zero (its scores
+  are uniform after softmax, times zero values), and removing it is exact.
 
 How they shrink: weights are sliced through the sites of the Linear layers; reshape sizes
 follow (prune_channels); ``scaled_dot_product_attention`` without an explicit ``scale`` gets
@@ -35,15 +41,54 @@ def _fixed_along(b: Builder, x: TensorChannels, d: int) -> bool:
     if d not in x.dims or len(x.dims) < 2:
         return False
     axis = x.dims.index(d)
+    roots = b.uf.roots()
     slices = [np.take(x.atoms, i, axis=axis).reshape(-1) for i in range(x.atoms.shape[axis])]
-    first = {b.uf.find(int(a)) for a in slices[0]}
-    return all({b.uf.find(int(a)) for a in s} == first for s in slices[1:])
+    first = set(roots[slices[0]].tolist())
+    return all(set(roots[s].tolist()) == first for s in slices[1:])
 
 
-def _check_batch_dims(b: Builder, x: TensorChannels, batch: set[int], what: str) -> None:
-    for d in x.dims:
-        if d in batch and not _fixed_along(b, x, d):
-            raise ChannelError(f"{what}: channels on a batch dim that could shrink")
+def _shrinking_batch_dims(b: Builder, *xs: TensorChannels, batch: set[int]) -> set[int]:
+    """Batch dims along which some operand's channels differ per slice (whole heads)."""
+    return {d for x in xs for d in x.dims if d in batch and not _fixed_along(b, x, d)}
+
+
+def _one_per_slice(b: Builder, x: TensorChannels, d: int) -> np.ndarray:
+    """Tie each slice of ``x`` along dim ``d`` into one channel; one atom per slice."""
+    axis = x.dims.index(d)
+    rows = np.moveaxis(x.atoms, axis, 0).reshape(x.atoms.shape[axis], -1)
+    b.uf.tie_rows(rows)
+    return rows[:, 0]
+
+
+def _per_head_matmul(
+    b: Builder, a: TensorChannels, c: TensorChannels, heads: set[int], nd: int
+) -> TensorChannels:
+    """A batched matmul whose batch dim shrinks (whole heads): slice h of the output is
+    a[h] @ c[h], so head h of both operands and of the output is one channel, zero when
+    either operand's slice is zero."""
+    if len(heads) != 1:
+        raise ChannelError("matmul with channels on more than one batch dim")
+    (d,) = heads
+    if d not in a.dims or d not in c.dims:
+        raise ChannelError("matmul: a batch dim that could shrink has channels on one side only")
+    ha, hc = _one_per_slice(b, a, d), _one_per_slice(b, c, d)
+    if len(ha) != len(hc):
+        raise ChannelError("matmul: the operands' heads differ in number")
+    b.uf.union_arrays(ha, hc)
+    zero = not (a.nonzero_when_zeroed and c.nonzero_when_zeroed)
+    # Channels on the left's rows (M) or the right's columns (N) pass on with the heads;
+    # contracted ones (the left's last dim, the right's second-to-last) are in the same
+    # head slice, so removing the head removes them.
+    a_out, c_out = set(a.dims) - {d, nd - 1}, set(c.dims) - {d, nd - 2}
+    if a_out and c_out:
+        raise ChannelError("both matmul operands carry channels besides the heads")
+    if c_out and nd - 2 not in c.dims:
+        return c.marked_nonzero(not zero)
+    if a_out and nd - 1 not in a.dims:
+        return a.marked_nonzero(not zero)
+    if a_out or c_out:
+        raise ChannelError("matmul passes on channels of an operand it also contracts")
+    return TensorChannels((d,), ha, a.opaque or c.opaque, not zero)
 
 
 @register(operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm")
@@ -57,6 +102,9 @@ def _matmul(b: Builder, node: fx.Node, m: object) -> TensorChannels:
     nd = len(so)
     a, c = left.offset_dims(nd - len(sa)), right.offset_dims(nd - len(sb))
     batch = set(range(nd - 2))
+    heads = _shrinking_batch_dims(b, a, c, batch=batch)
+    if heads:
+        return _per_head_matmul(b, a, c, heads, nd)
     # In output coordinates: the left's K is at nd - 1, the right's K at nd - 2.
     a_k, c_k = nd - 1 in a.dims, nd - 2 in c.dims
     if a_k != c_k:
@@ -67,7 +115,6 @@ def _matmul(b: Builder, node: fx.Node, m: object) -> TensorChannels:
         if a_rest != c_rest or a.atoms.shape != c.atoms.shape or not set(a_rest) <= batch:
             raise ChannelError("matmul contracts channels laid out differently on each side")
         b.uf.union_arrays(a.atoms, c.atoms)
-        _check_batch_dims(b, a, batch, "matmul")
         return TensorChannels.free()
     if a.dims and c.dims:
         if a.dims != c.dims or a.atoms.shape != c.atoms.shape or not set(a.dims) <= batch:
@@ -78,9 +125,7 @@ def _matmul(b: Builder, node: fx.Node, m: object) -> TensorChannels:
     if not x.dims:
         opaque = a.opaque or c.opaque
         return TensorChannels.unknown() if opaque else TensorChannels.free()
-    # A batch dim with channels on one side only meets other content on the other side.
-    _check_batch_dims(b, x, batch, "matmul")
-    return x
+    return x  # its batch dims, if any carry channels, hold the same ones in every slice
 
 
 def _shrink_sdpa(s: Shrink, node: fx.Node, m: object) -> None:
@@ -110,8 +155,12 @@ def _sdpa(b: Builder, node: fx.Node, m: object) -> TensorChannels:
         if q.dims != k.dims or q.atoms.shape != k.atoms.shape or nd - 1 not in q.dims:
             raise ChannelError("q and k carry channels differently")
         b.uf.union_arrays(q.atoms, k.atoms)
-        _check_batch_dims(b, q, batch, "attention q/k")
-    _check_batch_dims(b, v, batch, "attention v")
+    heads = _shrinking_batch_dims(b, q, v, batch=batch)
+    if heads:  # whole heads: head h of q, k and v is one channel; a zero v zeroes its output
+        (d,) = heads if len(heads) == 1 else (None,)
+        if d is None or any(d not in x.dims for x in (q, k, v)):
+            raise ChannelError("attention heads carry channels in some of q, k, v only")
+        b.uf.union_arrays(_one_per_slice(b, q, d), _one_per_slice(b, v, d))
     return v
 
 

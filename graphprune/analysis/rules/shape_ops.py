@@ -352,9 +352,12 @@ def _reshape(b: Builder, node: fx.Node, m: object) -> object:
         return _param_view(b, v, _shape(node))
     out = _tc(b, node.args[0]).reshaped(_shape(node.args[0]), _shape(node))
     if len(out.dims) > 1:
-        # Channels split over several dims (e.g. a channel shuffle's (groups, C/groups)):
-        # only the last dim may shrink, so positions along it are pruned together.
-        b.uf.tie_rows(np.moveaxis(out.atoms, -1, 0).reshape(out.atoms.shape[-1], -1))
+        # Channels split over several dims (attention's (3, heads, head_dim), a channel
+        # shuffle's (groups, C/groups)): only one dim may shrink, so the kept channels stay a
+        # grid, and positions along it are pruned together. The last dim (head dims) unless
+        # the model is analyzed for whole heads (``prune_whole_heads``): the second-to-last.
+        axis = -2 if b.prune_heads else -1
+        b.uf.tie_rows(np.moveaxis(out.atoms, axis, 0).reshape(out.atoms.shape[axis], -1))
     return out
 
 
