@@ -4,6 +4,8 @@ output projection's inputs."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -150,3 +152,19 @@ def test_attention_dropout_follows_the_mode_like_torchs_module() -> None:
     gm.train()
     with torch.no_grad():
         assert not torch.equal(gm(X), gm(X))  # still random when training
+
+
+def tiny_vit_and_input():
+    """A ``package.module:factory`` for the CLI: the model and its example inputs."""
+    torch.manual_seed(0)
+    return TinyViT().eval(), (X,)
+
+
+@pytest.mark.parametrize("flag, channels", [([], 8), (["--prune-heads"], 4)])
+def test_cli_inspect_groups_attention_by_head_dims_or_whole_heads(flag, channels, capsys):
+    from graphprune.apps.cli import main
+
+    assert main(["inspect", f"{__name__}:tiny_vit_and_input", "--json", *flag]) == 0
+    groups = json.loads(capsys.readouterr().out)["groups"]
+    (q,) = [g for g in groups if "attn.q_proj" in g["producers"]]
+    assert q["channels"] == channels and q["prunable"] and q["exact"]

@@ -23,10 +23,10 @@ def _load(spec: str):
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from graphprune import analyze, count_macs, trace
+    from graphprune import analyze, count_macs, prune_whole_heads, trace
 
     model, inputs = _load(args.model)
-    gm = trace(model, inputs)
+    gm = prune_whole_heads(trace(model, inputs), args.prune_heads)
     groups = analyze(gm, strict=args.strict)
     macs = count_macs(gm, inputs)
     if args.json:
@@ -243,6 +243,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune_heads_flag(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--prune-heads",
+        action="store_true",
+        help="group attention channels by whole heads instead of head dims",
+    )
+
+
 def _backend_flag(parser: argparse.ArgumentParser, what: str) -> None:
     """``--backend`` with the registry's names as choices and their descriptions as help."""
     from graphprune.backends import DEFAULT_BACKEND, backend_names, get_backend
@@ -273,6 +281,7 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("model", help="built-in name (resnet56, ...), package.module:factory, or .pt")
     s.add_argument("--json", action="store_true")
     s.add_argument("--strict", action="store_true", help="fail on ops without a channel rule")
+    _prune_heads_flag(s)
     s.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser(
@@ -299,11 +308,7 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
         action="store_true",
         help="distill from the dense model while compressing (KL on logits, T=4, weight 0.5)",
     )
-    s.add_argument(
-        "--prune-heads",
-        action="store_true",
-        help="prune attention by whole heads instead of head dims",
-    )
+    _prune_heads_flag(s)
     s.add_argument("--out", help="save the pruned model here (.pt)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_compress)
