@@ -107,6 +107,38 @@ def test_trace_does_not_mutate_the_model_even_after_pruning_the_copy() -> None:
         model.eval()(x)  # still runs with its original widths
 
 
+class OptionalMask(nn.Module):
+    """timm's Hiera: ``forward(x, mask=None)``; masking code and no head when a mask is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x, mask=None, pool: str = "avg"):
+        x = self.conv(x)
+        if mask is not None:
+            x = x * mask.view(x.shape[0], 1, 8, 8)
+        if mask is None:
+            x = x.mean((2, 3)) if pool == "avg" else x.amax((2, 3))
+            x = self.head(x)
+        return x
+
+
+def test_parameters_left_out_of_the_example_inputs_keep_their_defaults() -> None:
+    """The graph is ``model(x)``: mask is None and pool is "avg" there, not proxies (a proxy
+    mask is "not None", and the trace would take the masking branch and drop the head)."""
+    torch.manual_seed(0)
+    model = OptionalMask().eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = trace(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["conv", "head"]
+    (group,) = [g for g in build_channel_graph(gm).groups if g.producers == ("conv",)]
+    assert group.prunable
+
+
 def test_untraceable_error_names_the_line_and_suggests_leaf_modules() -> None:
     lines, start = inspect.getsourcelines(Untraceable.forward)
     offset = next(i for i, line in enumerate(lines) if "if x.sum() > 0" in line)

@@ -7,6 +7,7 @@ without touching analysis or passes.
 from __future__ import annotations
 
 import copy
+import inspect
 import linecache
 import sys
 import traceback
@@ -134,12 +135,13 @@ def trace(
         model.eval()
     split_multihead_attention(model, keep=tuple(leaf_modules))
     tracer = _LeafTracer(tuple(leaf_modules), frozenset(leaf_names))
-    graph = _trace_graph(tracer, model)
+    defaults = _unsupplied_defaults(model, len(example_inputs))
+    graph = _trace_graph(tracer, model, defaults)
 
     def retrace(stack_traces: bool) -> fx.Graph:
         again = _LeafTracer(tuple(leaf_modules), frozenset(leaf_names))
         again.record_stack_traces = stack_traces
-        return _trace_graph(again, model)
+        return _trace_graph(again, model, defaults)
 
     if not eval_only:
         bind_training_flags(model, graph, retrace)
@@ -169,10 +171,30 @@ def as_inputs(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[to
     return inputs
 
 
-def _trace_graph(tracer: fx.Tracer, model: nn.Module) -> fx.Graph:
+def _unsupplied_defaults(model: nn.Module, supplied: int) -> dict[str, object]:
+    """forward's parameters after the example inputs that have defaults, with those defaults.
+
+    The graph is the model called as ``model(*example_inputs)``: a parameter left out keeps
+    its default. Traced as a placeholder instead, ``mask=None`` would be a proxy, so ``if mask
+    is not None`` takes the branch the call never takes (timm's Hiera traced its masking code
+    and dropped its head)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return {
+        p.name: p.default
+        for p in params[supplied:]
+        if p.kind in (*positional, inspect.Parameter.KEYWORD_ONLY)
+        and p.default is not inspect.Parameter.empty
+    }
+
+
+def _trace_graph(tracer: fx.Tracer, model: nn.Module, defaults: dict[str, object]) -> fx.Graph:
     try:
         with functions_as_leaves(tracer):
-            graph = tracer.trace(model)
+            graph = tracer.trace(model, concrete_args=defaults or None)
         graph.called_modules = frozenset(getattr(tracer, "called", ()))  # for frontend.modes
         return graph
     except Exception as exc:  # fx raises many types; all mean "not traceable"
