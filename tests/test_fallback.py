@@ -14,21 +14,20 @@ from graphprune.frontend.fallback import frozen_submodules, trace_with_fallback
 from graphprune.testing.zoo import Untraceable
 
 
-class PadToMultiple(nn.Module):
-    """Python control flow on a shape, as in window attention or patch embeddings: fx sees
-    a Proxy where the code needs a bool. Holds a conv, so freezing it must keep its weights."""
+class ClampOutliers(nn.Module):
+    """Python control flow on tensor values (a data-dependent guard): fx sees a Proxy where
+    the code needs a bool, and no example input can fix it (control flow on shapes alone is
+    fixed for the example inputs instead). Holds a conv, so freezing it must keep its
+    weights."""
 
-    def __init__(self, channels: int, multiple: int = 8) -> None:
+    def __init__(self, channels: int, limit: float = 1.0) -> None:
         super().__init__()
-        self.multiple = multiple
+        self.limit = limit
         self.mix = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.shape[-1]
-        if h % self.multiple != 0:
-            x = F.pad(
-                x, (0, self.multiple - h % self.multiple, 0, self.multiple - h % self.multiple)
-            )
+        if x.abs().amax() > self.limit:
+            x = x.clamp(-self.limit, self.limit)
         return self.mix(x)
 
 
@@ -40,22 +39,22 @@ class Net(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
         self.body = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.ReLU())
         self.neck = nn.Conv2d(64, 16, 1)
-        self.pad = PadToMultiple(16)
+        self.guard = ClampOutliers(16)
         self.tail = nn.Sequential(nn.Conv2d(16, 64, 3, padding=1), nn.ReLU())
         self.fc = nn.Linear(64, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pad(self.neck(self.body(self.stem(x))))
+        x = self.guard(self.neck(self.body(self.stem(x))))
         return self.fc(self.tail(x).mean((2, 3)))
 
 
-X = torch.randn(2, 3, 20, 20)  # 20 is not a multiple of 8: the padding branch runs
+X = torch.randn(2, 3, 20, 20) * 10  # large values: the clamping branch runs
 
 
 def test_plain_trace_fails_and_names_the_submodule() -> None:
     with pytest.raises(TraceError) as err:
         gp.trace(Net(), (X,))
-    assert err.value.module_path == "pad"
+    assert err.value.module_path == "guard"
 
 
 def test_fallback_freezes_only_the_failing_submodule_and_keeps_outputs() -> None:
@@ -63,10 +62,10 @@ def test_fallback_freezes_only_the_failing_submodule_and_keeps_outputs() -> None
     model = Net().eval()
     gm = trace_with_fallback(model, (X,))
     frozen = frozen_submodules(gm)
-    assert list(frozen) == ["pad"]
-    assert "control flow" in frozen["pad"]
-    call = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "pad"]
-    assert len(call) == 1  # one opaque call; the padding branch is not in the graph
+    assert list(frozen) == ["guard"]
+    assert "control flow" in frozen["guard"]
+    call = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "guard"]
+    assert len(call) == 1  # one opaque call; the clamping branch is not in the graph
     with torch.no_grad():
         torch.testing.assert_close(gm(X), model(X))
     groups = build_channel_graph(gm).groups
@@ -83,10 +82,10 @@ def test_compress_prunes_around_a_frozen_submodule_and_reports_it() -> None:
     result = gp.compress(model, "magnitude", example_inputs=(X,), flops_target=0.6, round_to=1)
     dense = gp.count_macs(model, (X,)).macs
     assert gp.count_macs(result.model, (X,)).macs / dense <= 0.61
-    assert list(result.report.frozen_submodules) == ["pad"]
-    assert "frozen (not traced, not pruned): pad" in result.report.format()
+    assert list(result.report.frozen_submodules) == ["guard"]
+    assert "frozen (not traced, not pruned): guard" in result.report.format()
     pruned = result.model
-    assert pruned.get_submodule("pad.mix").weight.shape == (16, 16, 1, 1)  # frozen: untouched
+    assert pruned.get_submodule("guard.mix").weight.shape == (16, 16, 1, 1)  # frozen: untouched
     assert pruned.get_submodule("body.0").weight.shape[0] < 64  # the rest is pruned
     with torch.no_grad():
         assert pruned(X).shape == model(X).shape
@@ -99,15 +98,15 @@ def test_failure_in_the_models_own_forward_still_raises() -> None:
 
 
 class _Outer(nn.Module):
-    """A parent that branches on its (frozen) child's output shape: both get frozen."""
+    """A parent that branches on its (frozen) child's output values: both get frozen."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.pad = PadToMultiple(3)
+        self.guard = ClampOutliers(3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.pad(x)
-        return y * 2 if y.shape[-1] > 8 else y
+        y = self.guard(x)
+        return y * 2 if y.mean() > 0 else y
 
 
 class _Wrap(nn.Module):
@@ -122,8 +121,8 @@ class _Wrap(nn.Module):
 
 def test_freezing_repeats_up_the_module_tree() -> None:
     gm = trace_with_fallback(_Wrap(), (X,))
-    assert list(frozen_submodules(gm)) == ["inner.pad", "inner"]
-    with pytest.raises(TraceError, match="after freezing inner.pad"):
+    assert list(frozen_submodules(gm)) == ["inner.guard", "inner"]
+    with pytest.raises(TraceError, match="after freezing inner.guard"):
         trace_with_fallback(_Wrap(), (X,), max_frozen=1)
 
 

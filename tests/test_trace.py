@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import inspect
+import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from graphprune import trace
 from graphprune.analysis import analyze, build_channel_graph
 from graphprune.errors import TraceError
 from graphprune.frontend import meta
+from graphprune.frontend.specialize import SHAPE_SPECIALIZED
 from graphprune.passes import prune_channels
 from graphprune.testing.exactness import random_plan
 from graphprune.testing.zoo import ZOO, ZOO_INPUT_SHAPE, Untraceable
@@ -137,6 +140,54 @@ def test_parameters_left_out_of_the_example_inputs_keep_their_defaults() -> None
     assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["conv", "head"]
     (group,) = [g for g in build_channel_graph(gm).groups if g.producers == ("conv",)]
     assert group.prunable
+
+
+class ShapeBranches(nn.Module):
+    """CrossViT's ``if H != img_size: resize`` and Nest's ``int(math.sqrt(T))``: control flow
+    on shapes, after a BatchNorm whose statistics must not move while the trace computes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.head = nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.bn(self.conv1(x))
+        if x.shape[-1] != 8:
+            x = F.interpolate(x, size=(8, 8))
+        side = int(math.sqrt(x.shape[2] * x.shape[3]))
+        tokens = x.flatten(2)
+        x = tokens.reshape(tokens.shape[0], tokens.shape[1], side, side)
+        return self.head(self.conv2(x).mean((2, 3)))
+
+
+def test_control_flow_on_shapes_is_fixed_for_the_example_inputs_and_recorded() -> None:
+    torch.manual_seed(0)
+    model = ShapeBranches().train()
+    x = torch.randn(2, 3, 8, 8)
+    stats = model.bn.running_mean.clone()
+    with pytest.warns(UserWarning, match="control flow on input shapes was fixed"):
+        gm = trace(model, (x,))
+    fixed = gm.meta[SHAPE_SPECIALIZED]
+    assert len(fixed) == 2
+    assert "if x.shape[-1] != 8:" in fixed[0] and "int(math.sqrt(" in fixed[1]
+    assert not any(n.target is F.interpolate for n in gm.graph.nodes)  # the branch not taken
+    torch.testing.assert_close(model.bn.running_mean, stats)  # nothing ran in train mode
+    torch.testing.assert_close(gm.get_buffer("bn.running_mean"), stats)
+    model.eval(), gm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
+    (group,) = [g for g in build_channel_graph(gm).groups if "conv1" in g.producers]
+    assert group.prunable and group.exact
+
+
+def test_control_flow_on_tensor_values_is_never_fixed() -> None:
+    class Gate(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.shape[1] == 3 and x.mean() > 0 else x
+
+    with pytest.raises(TraceError, match="x.mean\\(\\) > 0"):
+        trace(Gate(), (torch.randn(1, 3, 4, 4),))
 
 
 def test_untraceable_error_names_the_line_and_suggests_leaf_modules() -> None:

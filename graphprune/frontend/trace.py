@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import inspect
 import linecache
+import operator
 import sys
 import traceback
 from collections.abc import Iterable, Sequence
@@ -29,12 +30,16 @@ from graphprune.frontend.inputs import (
     warn_nonfinite,
 )
 from graphprune.frontend.modes import bind_training_flags, eval_mode
+from graphprune.frontend.specialize import ShapeValues, shape_only, user_line
+from graphprune.frontend.specialize import record as record_specialized
 
 EXAMPLE_INPUTS = "graphprune.example_inputs"
 FUNCTIONAL_LAYERS = "graphprune.functional_layers"  # new module path -> what it replaced
 FLOPS_FOR = "graphprune.flops_for"  # what the recorded per-node FLOPs were counted for
 
 _TORCH_DIR = str(Path(torch.__file__).parent)
+# Frames of fx and of graphprune's tracer are never the user's line that failed.
+_TRACER_FILES = (_TORCH_DIR, __file__, str(Path(__file__).with_name("specialize.py")))
 
 
 class _LeafTracer(fx.Tracer):
@@ -42,13 +47,27 @@ class _LeafTracer(fx.Tracer):
     ``graphprune_leaf = True``) and the user's own leaf module types."""
 
     def __init__(
-        self, leaf_types: tuple[type[nn.Module], ...] = (), leaf_names: frozenset[str] = frozenset()
+        self,
+        leaf_types: tuple[type[nn.Module], ...] = (),
+        leaf_names: frozenset[str] = frozenset(),
+        shapes: ShapeValues | None = None,
     ) -> None:
         super().__init__()
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names
         self.failed_in: str | None = None  # innermost submodule whose forward raised
         self.called: set[str] = set()  # every submodule whose forward ran (leaf or not)
+        self.shapes = shapes  # fixes control flow on input shapes (frontend.specialize)
+
+    def shape_value(self, obj: fx.Proxy) -> object:
+        """The example inputs' value of a proxy computed from shapes alone; else fx's own
+        TraceError (control flow on tensor contents is never fixed)."""
+        if self.shapes is not None and shape_only(obj.node):
+            return self.shapes.value(obj.node, user_line())
+        return super().to_bool(obj)  # raises fx's TraceError
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return bool(self.shape_value(obj))
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if (
@@ -82,11 +101,21 @@ class _LeafTracer(fx.Tracer):
 
 class _PartsProxy(fx.Proxy):
     """A Proxy whose ``len()`` is known when it is the result of chunk/split with static
-    arguments (``list(proxy)`` asks for the length before iterating)."""
+    arguments (``list(proxy)`` asks for the length before iterating), and whose ``int()``,
+    ``float()`` and index value are known when it is computed from shapes alone."""
 
     def __len__(self) -> int:
         count = _static_parts(self.node)
         return super().__len__() if count is None else count
+
+    def __int__(self) -> int:
+        return int(self.tracer.shape_value(self))  # type: ignore[attr-defined]
+
+    def __float__(self) -> float:
+        return float(self.tracer.shape_value(self))  # type: ignore[attr-defined]
+
+    def __index__(self) -> int:
+        return operator.index(self.tracer.shape_value(self))  # type: ignore[attr-defined]
 
 
 def _static_parts(node: fx.Node) -> int | None:
@@ -136,10 +165,14 @@ def trace(
     split_multihead_attention(model, keep=tuple(leaf_modules))
     tracer = _LeafTracer(tuple(leaf_modules), frozenset(leaf_names))
     defaults = _unsupplied_defaults(model, len(example_inputs))
+    shapes = ShapeValues(model, example_inputs)
+    tracer.shapes = shapes
     graph = _trace_graph(tracer, model, defaults)
 
     def retrace(stack_traces: bool) -> fx.Graph:
-        again = _LeafTracer(tuple(leaf_modules), frozenset(leaf_names))
+        again = _LeafTracer(
+            tuple(leaf_modules), frozenset(leaf_names), ShapeValues(model, example_inputs)
+        )
         again.record_stack_traces = stack_traces
         return _trace_graph(again, model, defaults)
 
@@ -150,6 +183,7 @@ def trace(
         node.type = None
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta[EXAMPLE_INPUTS] = tuple(t.detach().clone() for t in example_inputs)
+    record_specialized(gm, shapes)
     layers = modularize_functional_layers(gm)  # F.conv2d/F.linear on parameters: modules
     if layers:
         gm.meta[FUNCTIONAL_LAYERS] = layers
@@ -350,7 +384,7 @@ def example_inputs_of(gm: fx.GraphModule) -> tuple[torch.Tensor, ...]:
 def _explain_trace_failure(model: nn.Module, exc: Exception) -> str:
     """Name the user's source line that fx choked on and suggest leaf_modules=."""
     frames = traceback.extract_tb(sys.exc_info()[2])
-    user = [f for f in frames if not f.filename.startswith(_TORCH_DIR)]
+    user = [f for f in frames if not f.filename.startswith(_TRACER_FILES)]
     where = ""
     owner = ""
     if user:
