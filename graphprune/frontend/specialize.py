@@ -65,10 +65,8 @@ class ShapeValues:
         self.fixed: list[str] = []
 
     def value(self, node: fx.Node, where: str) -> object:
-        """The value ``node`` has for the example inputs (``where``: the user's source line,
-        for the record); TypeError when it is not a shape value."""
-        if not shape_only(node):
-            raise TypeError(f"{node.format_node()} depends on tensor contents")
+        """The value the shape-only ``node`` (see ``shape_only``) has for the example inputs
+        (``where``: the user's source line, for the record)."""
         g = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
         needed = _ancestors(node)
@@ -83,7 +81,7 @@ class ShapeValues:
             with torch.no_grad(), _untraced():
                 value = fx.GraphModule(self.root.eval(), g)(*self.example_inputs)
         except Exception as exc:
-            raise TypeError(f"computing {node.format_node()}: {exc}") from exc
+            raise TypeError(f"computing the shape value {node.format_node()}: {exc}") from exc
         finally:
             for m, training in modes.items():
                 m.training = training

@@ -163,10 +163,9 @@ def trace(
     if eval_only:
         model.eval()
     split_multihead_attention(model, keep=tuple(leaf_modules))
-    tracer = _LeafTracer(tuple(leaf_modules), frozenset(leaf_names))
-    defaults = _unsupplied_defaults(model, len(example_inputs))
     shapes = ShapeValues(model, example_inputs)
-    tracer.shapes = shapes
+    tracer = _LeafTracer(tuple(leaf_modules), frozenset(leaf_names), shapes)
+    defaults = _unsupplied_defaults(model, len(example_inputs))
     graph = _trace_graph(tracer, model, defaults)
 
     def retrace(stack_traces: bool) -> fx.Graph:
