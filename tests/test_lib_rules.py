@@ -404,3 +404,33 @@ def test_one_group_groupnorm_and_a_square_prune_like_a_narrower_model() -> None:
     x = torch.randn(2, *ZOO_INPUT_SHAPE[1:])
     with torch.no_grad():
         torch.testing.assert_close(gm(x), narrow(x), atol=1e-5, rtol=1e-5)
+
+
+class CatOfSplit(nn.Module):
+    """timm's BAT (non_local_attn.py): ``torch.cat(torch.split(x, 1, dim=1), dim=3)`` passes
+    split's output to cat as one traced value, not a list."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.c = nn.Conv2d(4, 6, 1)
+
+    def forward(self, x):
+        y = self.b(torch.relu(self.a(x)))
+        z = torch.cat(torch.split(y, 1, dim=1), dim=3)  # (B, 1, H, 4W)
+        return self.c(y) + z.mean()
+
+
+def test_cat_of_a_traced_sequence_leaves_its_channels_unpruned_and_the_rest_prunable() -> None:
+    gm, graph = _traced(CatOfSplit())
+    by_producer = {g.producers: g for g in graph.groups}
+    assert not by_producer[("b",)].prunable
+    assert any("traced sequence" in r for r in by_producer[("b",)].reasons)
+    assert by_producer[("a",)].prunable and by_producer[("a",)].exact
+    plan = {by_producer[("a",)].id: [0, 2, 5]}
+    x = torch.randn(2, *ZOO_INPUT_SHAPE[1:])
+    zero_dropped_channels(gm, graph, plan)
+    with torch.no_grad():
+        zeroed = gm(x)
+        prune_channels(gm, plan=plan, round_to=1)
+        torch.testing.assert_close(gm(x), zeroed, atol=1e-5, rtol=1e-5)

@@ -39,7 +39,10 @@ def _input_channels(s: Shrink, node: fx.Node) -> TensorChannels | None:
 
 @register(torch.cat, torch.concat, torch.concatenate)
 def _cat(b: Builder, node: fx.Node, m: object) -> TensorChannels:
-    inputs = list(_arg(node, 0, "tensors"))
+    tensors = _arg(node, 0, "tensors")
+    if isinstance(tensors, fx.Node):  # torch.cat(torch.split(x, 1, dim=1), dim=3): one value
+        raise ChannelError("cat of a traced sequence (the output of another op)")
+    inputs = list(tensors)
     nd = len(_shape(node))
     d = _dim(int(_arg(node, 1, "dim", 0)), nd)
     all_values = [b.value(a) for a in inputs]
