@@ -1,6 +1,6 @@
 """nn.MultiheadAttention is traced as q/k/v/out Linear layers (frontend/attention.py), so its
 head dims prune like any attention: exactly, with q and k positions together and v's with the
-output projection's inputs."""
+output projection's inputs; with ``prune_heads`` whole heads go, q/k/v and output columns."""
 
 from __future__ import annotations
 
