@@ -205,7 +205,8 @@ def as_inputs(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[to
 
 
 def _unsupplied_defaults(model: nn.Module, supplied: int) -> dict[str, object]:
-    """forward's parameters after the example inputs that have defaults, with those defaults.
+    """forward's parameters after the example inputs whose defaults are None or a plain
+    bool/int/float/str, with those defaults.
 
     The graph is the model called as ``model(*example_inputs)``: a parameter left out keeps
     its default. Traced as a placeholder instead, ``mask=None`` would be a proxy, so ``if mask
@@ -220,8 +221,8 @@ def _unsupplied_defaults(model: nn.Module, supplied: int) -> dict[str, object]:
         p.name: p.default
         for p in params[supplied:]
         if p.kind in (*positional, inspect.Parameter.KEYWORD_ONLY)
-        and p.default is not inspect.Parameter.empty
-    }
+        and (p.default is None or type(p.default) in (bool, int, float, str))
+    }  # a tensor default stays an input of the graph, as fx traces it
 
 
 def _trace_graph(tracer: fx.Tracer, model: nn.Module, defaults: dict[str, object]) -> fx.Graph:
