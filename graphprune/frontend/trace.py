@@ -169,9 +169,7 @@ def trace(
     graph = _trace_graph(tracer, model, defaults)
 
     def retrace(stack_traces: bool) -> fx.Graph:
-        again = _LeafTracer(
-            tuple(leaf_modules), frozenset(leaf_names), ShapeValues(model, example_inputs)
-        )
+        again = _LeafTracer(tuple(leaf_modules), frozenset(leaf_names), shapes)
         again.record_stack_traces = stack_traces
         return _trace_graph(again, model, defaults)
 
