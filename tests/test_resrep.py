@@ -270,11 +270,13 @@ def test_gradient_resetting_matches_hand_computation() -> None:
     assert torch.equal(other.grad, torch.full_like(other, 3.0))
 
 
-def test_kernel_rows_reset_gradients_as_computed_by_hand() -> None:
+@pytest.mark.parametrize("lr_scale", [1.0, 0.1])
+def test_kernel_rows_reset_gradients_as_computed_by_hand(lr_scale: float) -> None:
     # A Linear producer: no compactor can fold into it, so ResRep resets the gradient of the
     # channel's own entries (its weight row and bias, taken as one vector). With compactor
     # momentum 0.99 the push is scaled by (1-0.9)/(1-0.99) = 10 (the model's weights train at
-    # momentum 0.9) and by each channel's starting norm.
+    # momentum 0.9), by each channel's starting norm, and by the compactors' lr scale (the
+    # weights train at the model's lr, so a row travels as far as a compactor row would).
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([[3.0, 0, 0], [1, 2, 2], [0, 0, 6], [2, 0, 0]]))
@@ -285,7 +287,13 @@ def test_kernel_rows_reset_gradients_as_computed_by_hand() -> None:
         flops_target=0.5,
         total_iters=1000,
         round_to=1,
-        schedule=schedule(penalty=0.01, masked_penalty=0.5, eps=1e-3, compactor_momentum=0.99),
+        schedule=schedule(
+            penalty=0.01,
+            masked_penalty=0.5,
+            eps=1e-3,
+            compactor_momentum=0.99,
+            compactor_lr_scale=lr_scale,
+        ),
     )
     assert not rr.compactors and rr.kernel is not None
     (gid,) = rr.kernel.groups
@@ -302,6 +310,7 @@ def test_kernel_rows_reset_gradients_as_computed_by_hand() -> None:
     rr.after_backward()
     # active c: G + 0.01*10*n0/n * w; masked c: 0.5*10*n0/n * w and no task gradient
     factor = torch.tensor([0.01 * 10 * 5 / 2.5, 0.5 * 10 * 3 / 3, 0.01 * 10 * 10 / 10, 0.5 * 10])
+    factor = factor * lr_scale
     task = torch.tensor([1.0, 0.0, 1.0, 0.0])
     torch.testing.assert_close(fc1.weight.grad, task[:, None] * gw + factor[:, None] * w)
     torch.testing.assert_close(fc1.bias.grad, task * gb + factor * b)
@@ -344,6 +353,23 @@ def test_active_rows_feel_no_penalty_after_penalty_until() -> None:
         for row, q in ((0, 3.0), (2, 1.0), (3, -4.0)):
             expected[row, row] += pull * q / abs(q)
         torch.testing.assert_close(c.weight.grad.view(4, 4), expected, atol=1e-7, rtol=0)
+
+
+def test_the_adaptive_penalties_are_sized_for_the_compactors_lr(monkeypatch) -> None:
+    # A compactor row moves lr_scale·lr·λ/(1-μ) per step: at a tenth of the lr the penalties
+    # are ten times larger, so unsupported and masked rows travel the same distances, and eps
+    # (half a masked row's step) is unchanged.
+    from graphprune.methods.resrep import schedule as S
+
+    made = {}
+    for scale in (1.0, 0.1):
+        monkeypatch.setattr(S, "COMPACTOR_LR_SCALE", scale)
+        made[scale] = ResRepSchedule.adaptive(1000, 50, 0.05)
+    full, tenth = made[1.0], made[0.1]
+    assert (full.compactor_lr_scale, tenth.compactor_lr_scale) == (1.0, 0.1)
+    assert tenth.penalty == pytest.approx(10 * full.penalty)
+    assert tenth.masked_penalty == pytest.approx(10 * full.masked_penalty)
+    assert tenth.eps == pytest.approx(full.eps)
 
 
 def test_the_adaptive_schedule_stops_the_penalty_when_masks_freeze() -> None:
