@@ -231,9 +231,11 @@ def one_compactor_model(**sched: float) -> ResRep:
     return rr
 
 
-def test_gradient_resetting_matches_hand_computation() -> None:
-    # active rows use penalty 0.01, masked rows 0.5, eps 1e-3: a swap of the two shows.
-    rr = one_compactor_model(penalty=0.01, masked_penalty=0.5, eps=1e-3)
+@pytest.mark.parametrize("task", [1.0, 0.1])
+def test_gradient_resetting_matches_hand_computation(task: float) -> None:
+    # active rows use penalty 0.01, masked rows 0.5, eps 1e-3: a swap of the two shows; the
+    # task gradient of active rows is scaled by task_scale, the penalties are not.
+    rr = one_compactor_model(penalty=0.01, masked_penalty=0.5, eps=1e-3, task_scale=task)
     c = rr.compactors[0]
     q = torch.tensor(
         [
@@ -258,11 +260,12 @@ def test_gradient_resetting_matches_hand_computation() -> None:
     other = rr.model.get_submodule("5").weight  # the linear layer: must be left alone
     other.grad = torch.full_like(other, 3.0)
     rr.after_backward()
+    t = task
     expected = torch.tensor(
         [
-            [1.0 + 0.01 * 3 / 5, -1.0 + 0.01 * 4 / 5, 2.0, 0.5],  # G + 0.01*Q/5
+            [t * 1.0 + 0.01 * 3 / 5, t * -1.0 + 0.01 * 4 / 5, t * 2.0, t * 0.5],  # tG + 0.01*Q/5
             [0.5 * 1 / 3, 0.5 * 2 / 3, 0.5 * 2 / 3, 0.0],  # 0.5*Q/3, no task gradient
-            [-3.0, 0.01 * 5e-4 / 1e-3, 1.0, 2.0],  # G + 0.01*Q/1e-3
+            [t * -3.0, 0.01 * 5e-4 / 1e-3, t * 1.0, t * 2.0],  # tG + 0.01*Q/1e-3
             [0.0, 0.0, 0.0, 0.5 * 2 / 2],  # 0.5*Q/2
         ]
     )
@@ -270,13 +273,11 @@ def test_gradient_resetting_matches_hand_computation() -> None:
     assert torch.equal(other.grad, torch.full_like(other, 3.0))
 
 
-@pytest.mark.parametrize("lr_scale", [1.0, 0.1])
-def test_kernel_rows_reset_gradients_as_computed_by_hand(lr_scale: float) -> None:
+def test_kernel_rows_reset_gradients_as_computed_by_hand() -> None:
     # A Linear producer: no compactor can fold into it, so ResRep resets the gradient of the
     # channel's own entries (its weight row and bias, taken as one vector). With compactor
     # momentum 0.99 the push is scaled by (1-0.9)/(1-0.99) = 10 (the model's weights train at
-    # momentum 0.9), by each channel's starting norm, and by the compactors' lr scale (the
-    # weights train at the model's lr, so a row travels as far as a compactor row would).
+    # momentum 0.9) and by each channel's starting norm.
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([[3.0, 0, 0], [1, 2, 2], [0, 0, 6], [2, 0, 0]]))
@@ -287,13 +288,7 @@ def test_kernel_rows_reset_gradients_as_computed_by_hand(lr_scale: float) -> Non
         flops_target=0.5,
         total_iters=1000,
         round_to=1,
-        schedule=schedule(
-            penalty=0.01,
-            masked_penalty=0.5,
-            eps=1e-3,
-            compactor_momentum=0.99,
-            compactor_lr_scale=lr_scale,
-        ),
+        schedule=schedule(penalty=0.01, masked_penalty=0.5, eps=1e-3, compactor_momentum=0.99),
     )
     assert not rr.compactors and rr.kernel is not None
     (gid,) = rr.kernel.groups
@@ -310,7 +305,6 @@ def test_kernel_rows_reset_gradients_as_computed_by_hand(lr_scale: float) -> Non
     rr.after_backward()
     # active c: G + 0.01*10*n0/n * w; masked c: 0.5*10*n0/n * w and no task gradient
     factor = torch.tensor([0.01 * 10 * 5 / 2.5, 0.5 * 10 * 3 / 3, 0.01 * 10 * 10 / 10, 0.5 * 10])
-    factor = factor * lr_scale
     task = torch.tensor([1.0, 0.0, 1.0, 0.0])
     torch.testing.assert_close(fc1.weight.grad, task[:, None] * gw + factor[:, None] * w)
     torch.testing.assert_close(fc1.bias.grad, task * gb + factor * b)
@@ -355,27 +349,15 @@ def test_active_rows_feel_no_penalty_after_penalty_until() -> None:
         torch.testing.assert_close(c.weight.grad.view(4, 4), expected, atol=1e-7, rtol=0)
 
 
-def test_the_adaptive_penalties_are_sized_for_the_compactors_lr(monkeypatch) -> None:
-    # A compactor row moves lr_scale·lr·λ/(1-μ) per step: at a tenth of the lr the penalties
-    # are ten times larger, so unsupported and masked rows travel the same distances, and eps
-    # (half a masked row's step) is unchanged.
-    from graphprune.methods.resrep import schedule as S
-
-    made = {}
-    for scale in (1.0, 0.1):
-        monkeypatch.setattr(S, "COMPACTOR_LR_SCALE", scale)
-        made[scale] = ResRepSchedule.adaptive(1000, 50, 0.05)
-    full, tenth = made[1.0], made[0.1]
-    assert (full.compactor_lr_scale, tenth.compactor_lr_scale) == (1.0, 0.1)
-    assert tenth.penalty == pytest.approx(10 * full.penalty)
-    assert tenth.masked_penalty == pytest.approx(10 * full.masked_penalty)
-    assert tenth.eps == pytest.approx(full.eps)
-
-
 def test_the_adaptive_schedule_stops_the_penalty_when_masks_freeze() -> None:
     s = ResRepSchedule.adaptive(1000, 50, 0.05)
     assert s.penalty_until == s.mask_until is not None
     assert ResRepSchedule.paper(100).penalty_until is None  # the paper's preset: always
+
+
+def test_the_adaptive_schedule_scales_the_task_step_and_the_paper_does_not() -> None:
+    assert 0 < ResRepSchedule.adaptive(1000, 50, 0.05).task_scale < 1
+    assert ResRepSchedule.paper(100).task_scale == 1.0
 
 
 def test_masked_rows_ignore_the_task_loss_after_a_real_backward() -> None:

@@ -233,9 +233,10 @@ class ResRep(Method):
 
     @torch.no_grad()
     def after_backward(self) -> None:
-        """Gradient resetting: grad_i = m_i·dL/dQ_i + λ_i·Q_i / max(||Q_i||, eps), where
-        λ_i is ``penalty`` for active rows (0 after ``penalty_until``) and ``masked_penalty``
-        for masked ones. During the warm-up the task gradient first feeds the Taylor prior."""
+        """Gradient resetting: grad_i = τ·m_i·dL/dQ_i + λ_i·Q_i / max(||Q_i||, eps), where
+        τ is the schedule's ``task_scale`` (the paper: 1), λ_i is ``penalty`` for active rows
+        (0 after ``penalty_until``) and ``masked_penalty`` for masked ones. During the warm-up
+        the unscaled task gradient first feeds the Taylor prior."""
         s = self.schedule
         active = s.penalty if s.penalty_until is None or self.iteration <= s.penalty_until else 0.0
         if self.config.taylor_prior and self.iteration < s.warmup_iters:
@@ -249,7 +250,6 @@ class ResRep(Method):
                     masked=s.masked_penalty * self.push_scale,
                     eps=s.eps * self.push_scale,
                     compactor_momentum=s.compactor_momentum,
-                    compactor_lr_scale=s.compactor_lr_scale,
                 )
         for c in self.compactors:
             q = c.matrix
@@ -258,7 +258,7 @@ class ResRep(Method):
             eps = m * s.eps + (1 - m) * s.eps * self.push_scale
             norms = torch.maximum(torch.linalg.vector_norm(q, dim=1, keepdim=True), eps)
             lam = m * active + (1 - m) * s.masked_penalty * self.push_scale
-            new = m * grad + lam * q / norms
+            new = s.task_scale * m * grad + lam * q / norms
             c.weight.grad = new.view_as(c.weight)
 
     def _accumulate_prior(self) -> None:

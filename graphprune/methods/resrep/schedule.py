@@ -17,9 +17,9 @@ GROWN_NORM = 2.0
 # The adaptive schedule's phases, as fractions of training: warm-up, masking until MASK_END,
 # masked rows decay until ZERO_AT, where they are zeroed; fine-tuning after.
 WARMUP, MASK_END, ZERO_AT = 0.05, 0.30, 0.6
-# The compactors' lr as a fraction of the model's (adaptive schedule; the paper: 1). See
-# ResRepSchedule.adaptive for why and what it was measured against.
-COMPACTOR_LR_SCALE = 0.1
+# Compactor rows take this fraction of their task-gradient step (adaptive schedule; the
+# paper: 1). ResRepSchedule.adaptive gives the reasoning and the measurements.
+TASK_SCALE = 0.1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -33,6 +33,7 @@ class ResRepSchedule:
     masked_penalty: float  # λ on masked rows; equal to ``penalty`` in the paper
     compactor_momentum: float
     compactor_lr_scale: float = 1.0  # compactor lr = this x the model's lr (the paper: 1)
+    task_scale: float = 1.0  # an active row's task gradient x this (the paper: 1)
     eps: float = 1e-8  # keeps λ·Q/||Q|| finite at Q = 0 (the official code has none)
     mask_until: int | None = None  # last iteration that may change masks (None: the paper's, never)
     zero_at: int | None = None  # from this iteration masked rows are held at exactly zero
@@ -70,34 +71,37 @@ class ResRepSchedule:
         1/(1-μ) = D/30, kept within [10, 100], i.e. μ in [0.9, 0.99] (the paper's 0.99 from
         D = 3000 on).
 
-        Compactor lr: COMPACTOR_LR_SCALE (0.1) x the model's lr. A compactor is a free C x C
-        linear map behind a trained layer's norm with nothing to renormalize it; at the model's
-        lr (the paper's choice, for ~10^5 iterations) its task-gradient steps perturb a trained
-        network faster than a short run can undo. On Fashion-MNIST ResNet-20 (375 iterations,
-        3 seeds, BENCHMARKS.md), at the model's lr, ResRep at 0.95 of the MACs, where almost
-        nothing is pruned, ended 1.2 points below one-shot magnitude + fine-tuning; at 0.5 of
-        the MACs lr scales 1 / 0.1 / 0.03 gave 82.5 / 83.9 / 83.9%. A six times longer run
-        (2,350 iterations, one seed, 0.3 of the MACs) gave 89.54% at scale 1 and 89.60% at
-        0.1: the full lr buys nothing there either. On a small model trained from scratch the
-        compactors' learning helps (a tiny digits CNN: 90.3 / 88.3 / 82.8% at 1 / 0.3 / 0.1),
-        which is not what pruning a trained model needs. The penalties below are sized for the
-        lr the compactors actually get (s·lr), so rows travel the same distances at any scale.
-        (Scaling the lr *up* by 100·(1-μ), to move them as far per step as μ = 0.99 does, cost
-        about ten points.)
+        Compactor lr: the model's lr, as in the paper. (Scaling it by 100·(1-μ), to move them
+        as far per step as the paper's μ = 0.99 does, made the compactors' steps ten times
+        noisier at μ = 0.9 and cost about ten points of accuracy in the run above.)
+
+        Task step: an active row gets TASK_SCALE (0.1) x its task gradient,
+        grad_i = 0.1·m_i·dL/dQ_i + λ_i·Q_i/||Q_i||. A compactor is a free C x C map behind a
+        trained layer's norm with nothing to renormalize it; at the full step its task updates
+        perturb a trained network faster than a short run undoes. On Fashion-MNIST ResNet-20
+        (375 iterations, 3 seeds, BENCHMARKS.md), at the full step, ResRep at 0.95 of the MACs,
+        where almost nothing is pruned, ended 1.2 points below one-shot magnitude +
+        fine-tuning; at 0.5 of the MACs task steps of 1 / 0.1 / 0.03 gave 82.5 / 83.9 / 83.9%.
+        A six times longer run (2,350 iterations, 0.3 of the MACs, one seed) gave 89.54% at 1
+        and 89.60% at 0.1: the full step buys nothing there either. A small CNN trained from
+        scratch does need the compactors' own learning (a digits CNN: 90.3 / 82.8 / 78.6% at
+        1 / 0.1 / 0.03), hence 0.1 rather than less. Scaling the gradient rather than the lr
+        leaves the penalties' travel below unchanged, and a user's own optimizer that puts the
+        compactors at the model's lr still gets the intended step.
 
         λ (every row): the paper's 1e-4, raised on short budgets so that it moves an
         unsupported row by SHAPING = 0.1 of its norm before the masks freeze:
-        λ = max(1e-4, 0.1 / Σ_{t<30%} s·lr_t/(1-μ)), s the lr scale. It stops when the masks
-        freeze (``penalty_until``): the ranking it shapes is settled then, and pulling on the
-        rows that stay only shrinks the network the pruned model will be. On Fashion-MNIST
+        λ = max(1e-4, 0.1 / Σ_{t<30%} lr_t/(1-μ)). It stops when the masks freeze
+        (``penalty_until``): the ranking it shapes is settled then, and pulling on the rows
+        that stay only shrinks the network the pruned model will be. On Fashion-MNIST
         ResNet-20 (375 iterations, 3 seeds) stopping it gained 1.5 points at 90% fewer MACs
         and was within seed noise at 50% and 70% (BENCHMARKS.md); the paper never freezes
         masks and keeps λ.
 
-        λ_m (masked rows): a row pushed by λ_m·Q/||Q|| moves s·lr_t·λ_m/(1-μ) per step, so it
+        λ_m (masked rows): a row pushed by λ_m·Q/||Q|| moves lr_t·λ_m/(1-μ) per step, so it
         travels 4 (twice GROWN_NORM, the norm a learning row may reach) over D when
-        λ_m = 4 / Σ_{30%<=t<60%} s·lr_t/(1-μ) (never below λ); whatever is left at 60% is
-        zeroed. Below ||Q|| = eps = s·lr·λ_m/2 the push acts as a weight decay too weak to
+        λ_m = 4 / Σ_{30%<=t<60%} lr_t/(1-μ) (never below λ); whatever is left at 60% is
+        zeroed. Below ||Q|| = eps = lr·λ_m/2 the push acts as a weight decay too weak to
         overshoot.
         """
         total = max(int(total_iters), 1)
@@ -108,8 +112,7 @@ class ResRepSchedule:
         updates = max(1, (mask_end - warmup) // interval)
         horizon = min(100.0, max(10.0, (zero_at - mask_end) / 30.0))
         momentum = 1.0 - 1.0 / horizon
-        scale = COMPACTOR_LR_SCALE
-        moved_per_lambda = scale * horizon  # a compactor moves s·lr / (1 - μ) per unit of λ
+        moved_per_lambda = horizon  # lr / (1 - μ) per unit of lr
         shaping_sum = sum(cosine_lr(lr, t, total) for t in range(mask_end)) * moved_per_lambda
         decay_sum = sum(cosine_lr(lr, t, total) for t in range(mask_end, zero_at))
         penalty = max(1e-4, SHAPING / max(shaping_sum, 1e-12))
@@ -121,8 +124,9 @@ class ResRepSchedule:
             penalty=penalty,
             masked_penalty=masked_penalty,
             compactor_momentum=momentum,
-            compactor_lr_scale=scale,
-            eps=max(1e-8, 0.5 * scale * lr * masked_penalty),
+            compactor_lr_scale=1.0,
+            task_scale=TASK_SCALE,
+            eps=max(1e-8, 0.5 * lr * masked_penalty),
             mask_until=mask_end,
             zero_at=zero_at,
             penalty_until=mask_end,
