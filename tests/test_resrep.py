@@ -360,6 +360,15 @@ def test_the_adaptive_schedule_scales_the_task_step_and_the_paper_does_not() -> 
     assert ResRepSchedule.paper(100).task_scale == 1.0
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [("task_scale", -0.1), ("compactor_momentum", 1.0), ("masked_penalty", 0.0), ("eps", 0.0)],
+)
+def test_a_bad_schedule_value_is_named(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=f"ResRepSchedule {field}="):
+        schedule(**{field: value})
+
+
 def test_masked_rows_ignore_the_task_loss_after_a_real_backward() -> None:
     rr = one_compactor_model(penalty=1e-4, masked_penalty=1e-2)
     c = rr.compactors[0]

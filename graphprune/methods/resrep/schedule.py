@@ -39,6 +39,22 @@ class ResRepSchedule:
     zero_at: int | None = None  # from this iteration masked rows are held at exactly zero
     penalty_until: int | None = None  # active rows feel ``penalty`` up to here (None: always)
 
+    def __post_init__(self) -> None:
+        checks = (
+            ("warmup_iters", self.warmup_iters >= 0, ">= 0"),
+            ("mask_interval", self.mask_interval >= 1, ">= 1"),
+            ("channels_per_update", self.channels_per_update >= 1, ">= 1"),
+            ("penalty", self.penalty >= 0, ">= 0"),
+            ("masked_penalty", self.masked_penalty > 0, "> 0 (it is what decays masked rows)"),
+            ("compactor_momentum", 0 <= self.compactor_momentum < 1, "in [0, 1)"),
+            ("compactor_lr_scale", self.compactor_lr_scale > 0, "> 0"),
+            ("task_scale", self.task_scale >= 0, ">= 0 (1: the paper's full task gradient)"),
+            ("eps", self.eps > 0, "> 0"),
+        )
+        for name, ok, need in checks:
+            if not ok:
+                raise ValueError(f"ResRepSchedule {name}={getattr(self, name)!r}: must be {need}")
+
     @staticmethod
     def paper(iters_per_epoch: int) -> ResRepSchedule:
         """The paper's constants (5 warm-up epochs, every 200 iterations, 4 channels,
