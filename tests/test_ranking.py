@@ -106,6 +106,16 @@ def test_channel_costs_match_hand_counts() -> None:
     mean = (costs[g1] + costs[g2]) / 2
     assert scaled[g1][0] == pytest.approx(2.0 * mean / costs[g1])
     assert scaled[g1][0] < scaled[g2][0]  # the expensive channel is worth less per MAC
+    # cost ** power: halfway weighs the cost ratio by its square root, 0 leaves scores alone
+    half = per_mac({g1: np.array([2.0]), g2: np.array([2.0])}, costs, power=0.5)
+    assert half[g1][0] == pytest.approx(2.0 * (mean / costs[g1]) ** 0.5)
+    assert half[g2][0] == pytest.approx(2.0 * (mean / costs[g2]) ** 0.5)
+    assert scaled[g1][0] < half[g1][0] < 2.0
+    none = per_mac({g1: np.array([2.0]), g2: np.array([3.0])}, costs, power=0.0)
+    assert (none[g1][0], none[g2][0]) == (2.0, 3.0)
+    for bad in (-0.5, 1.5):
+        with pytest.raises(ValueError, match="cost_power"):
+            per_mac({g1: np.array([2.0])}, costs, power=bad)
 
 
 def test_guard_floors_and_rounded_widths_by_hand() -> None:

@@ -571,6 +571,29 @@ def test_channels_per_update_caps_growth_and_step_follows_the_schedule() -> None
     assert rr.masked_fraction_macs() <= 0.2
 
 
+def test_scores_divide_by_the_square_root_of_the_cost_by_default() -> None:
+    # Identity compactors (every row norm 1), no Taylor prior: a channel's score is
+    # 1 / (cost / mean cost) ** cost_power. Costs by hand, as in test_ranking: 8x8 input,
+    # conv 0 (1->16) 9216 MACs, conv 3 (16->32) 294912, linear (32->10) 320.
+    gm = trace(tiny_cnn(), (torch.randn(DIGITS),))
+    rr = ResRep(gm, flops_target=0.5, taylor_prior=False, total_iters=1000, schedule=schedule())
+    assert rr.config.cost_power == 0.5
+    assert rr.stats().rounding == "exact widths"  # ResRep's default round_to is 1
+    costs = {16: 9216 / 16 + 294912 / 16, 32: 294912 / 32 + 320 / 32}
+    mean = sum(costs.values()) / 2
+    scores = rr.group_scores()
+    assert sorted(len(s) for s in scores.values()) == [16, 32]
+    for s in scores.values():
+        np.testing.assert_allclose(s, (mean / costs[len(s)]) ** 0.5, rtol=1e-9)
+    knapsack = ResRep(trace(tiny_cnn(), (torch.randn(DIGITS),)), flops_target=0.5,
+                      taylor_prior=False, cost_power=1.0, **_QUIET).group_scores()  # fmt: skip
+    for s in knapsack.values():
+        np.testing.assert_allclose(s, mean / costs[len(s)], rtol=1e-9)
+    with pytest.raises(ValueError, match="cost_power=2"):
+        ResRep(trace(tiny_cnn(), (torch.randn(DIGITS),)), flops_target=0.5, cost_power=2.0,
+               **_QUIET)  # fmt: skip
+
+
 def test_mask_choice_is_deterministic_and_recomputed_from_scratch() -> None:
     torch.manual_seed(0)
     model = randomize_(ZOO["resnet_bottleneck"]())

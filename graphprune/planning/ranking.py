@@ -10,7 +10,8 @@ make such a choice sound, whatever the method:
 - **Importance per MAC saved.** Removing a channel of a stage-1 group of a CIFAR ResNet saves
   about 4x the MACs of a stage-3 channel. Dividing a score by the channel's cost
   (``channel_costs``, from the MACs model) is the knapsack ratio: the greedy walk then
-  removes what costs least importance per MAC (``per_mac``).
+  removes what costs least importance per MAC (``per_mac``). ``power`` < 1 divides by a
+  root of the cost instead, weighing it less than the knapsack ratio does.
 - **A floor per group.** Cost-aware ranking prefers wide, expensive layers; a minimum kept
   fraction (``guard_floors``, default 0.1, at least one channel) stops a layer collapsing.
 
@@ -95,17 +96,32 @@ def channel_costs(
     return out
 
 
-def per_mac(scores: Mapping[int, np.ndarray], costs: Mapping[int, float]) -> dict[int, np.ndarray]:
-    """Importance per MAC saved, in the scores' units: score / (cost / mean cost).
+def per_mac(
+    scores: Mapping[int, np.ndarray], costs: Mapping[int, float], power: float = 1.0
+) -> dict[int, np.ndarray]:
+    """Importance per MAC saved, in the scores' units: score / (cost / mean cost) ** power.
 
-    A group whose channels save no MACs keeps its scores as they are (nothing to gain there,
-    and dividing by zero would make it look infinitely important)."""
+    ``power`` 1 is the knapsack ratio; 0 leaves the scores as they are; in between, a cheap
+    channel needs less than proportionally more importance to stay. A group whose channels
+    save no MACs keeps its scores as they are (nothing to gain there, and dividing by zero
+    would make it look infinitely important)."""
+    check_cost_power(power)
     positive = [c for c in costs.values() if c > 0]
     mean = float(np.mean(positive)) if positive else 1.0
     return {
-        g: np.asarray(s, dtype=np.float64) / (costs[g] / mean if costs.get(g, 0) > 0 else 1.0)
+        g: np.asarray(s, dtype=np.float64)
+        / ((costs[g] / mean) ** power if costs.get(g, 0) > 0 else 1.0)
         for g, s in scores.items()
     }
+
+
+def check_cost_power(power: float) -> None:
+    """ValueError unless ``cost_power`` is in [0, 1]."""
+    if not 0.0 <= power <= 1.0:
+        raise ValueError(
+            f"cost_power={power}: must be in [0, 1] (1 ranks by importance per MAC saved, "
+            "0 by importance alone)"
+        )
 
 
 def check_keep_fraction(fraction: float) -> None:
