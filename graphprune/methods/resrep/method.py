@@ -24,9 +24,9 @@ Why those two defaults (Fashion-MNIST ResNet-20, 375 iterations, 10 seeds paired
 bases, BENCHMARKS.md): dividing by the full cost piles the cut on the early, high-resolution
 layers; cost ** 0.5 with exact widths was 0.31 ± 0.09 / 0.58 ± 0.22 points more accurate at
 50 / 70% fewer MACs, and +1.0 ± 0.2 / +2.4 ± 1.9 at 90 / 98% (3 seeds), with CPU speedups
-5-11% lower than the full cost gave (still above Torch-Pruning's at equal MACs). Multiples of 8 cost
-0.15 / 0.31 / 0.5 / 2.3 points at those targets on this narrow network (16-64 channels, where
-a step of 8 is an eighth to a half of a layer).
+5-11% lower than the full cost gave (still above Torch-Pruning's at equal MACs). Multiples
+of 8 cost 0.15 / 0.31 / 0.5 / 2.3 points at those targets on this narrow network (16-64
+channels, where a step of 8 is an eighth to a half of a layer).
 
 Use ``ResRep`` in any training loop (own loop, DDP, Lightning)::
 
