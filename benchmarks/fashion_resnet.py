@@ -191,9 +191,11 @@ def paired_vs_peer(rows: list[dict], method: str, target: float) -> tuple[float,
             if r["method"] == m and r["target"] == target and r["final_acc"] is not None
         }
 
+    if method == PEER:
+        return None
     mine, peer = acc(method), acc(PEER)
     diffs = [mine[s] - peer[s] for s in sorted(mine.keys() & peer.keys())]
-    if method == PEER or not diffs:
+    if not diffs:
         return None
     se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
     return statistics.mean(diffs), se, len(diffs)

@@ -118,7 +118,9 @@ class ResRepConfig(MethodConfig):
         DEFAULT_MIN_KEEP_FRACTION,
         "no group keeps fewer than this fraction of its channels (at least 1): no layer collapse",
     )
-    cost_aware: bool = option(True, "rank channels by importance per MAC they cost")
+    cost_aware: bool = option(
+        True, "weigh a channel's importance against the MACs it costs (see cost_power)"
+    )
     cost_power: float = option(
         COST_POWER,
         "when cost-aware, importance / MACs cost ** this: 1 is per MAC saved (faster models), "
