@@ -16,17 +16,19 @@ its compactor row norm averaged over the group's producers (never summed: a resi
 would look 4-10x more important), times a first-order Taylor prior measured over the warm-up
 (informative from the first mask, when norms have barely moved), divided by the square root
 of the MACs the channel costs (``cost_power``; 1 would be importance per MAC saved); no group
-goes below ``min_keep_fraction`` of its width. Widths are exact by default (``round_to=1``);
-with ``round_to=8`` they are multiples of 8 where the target allows and finer where it would
-be out of reach. The last mask update lands within 0.01 of the target.
+goes below ``min_keep_fraction`` of its width. Widths are multiples of ``round_to`` (8) where
+the target allows and finer where it would be out of reach; the last mask update lands within
+0.01 of the target.
 
-Why those two defaults (Fashion-MNIST ResNet-20, 375 iterations, 10 seeds paired on the same
-bases, BENCHMARKS.md): dividing by the full cost piles the cut on the early, high-resolution
-layers; cost ** 0.5 with exact widths was 0.31 ± 0.09 / 0.58 ± 0.22 points more accurate at
-50 / 70% fewer MACs, and +1.0 ± 0.2 / +2.4 ± 1.9 at 90 / 98% (3 seeds), with CPU speedups
-5-11% lower than the full cost gave (still above Torch-Pruning's at equal MACs). Multiples
-of 8 cost 0.15 / 0.31 / 0.5 / 2.3 points at those targets on this narrow network (16-64
-channels, where a step of 8 is an eighth to a half of a layer).
+Why cost ** 0.5 (Fashion-MNIST ResNet-20, 375 iterations, BENCHMARKS.md): dividing by the
+full cost piles the cut on the early, high-resolution layers. With multiples of 8, cost ** 0.5
+was +0.14 ± 0.10 / +0.13 ± 0.22 points at 50 / 70% fewer MACs (5 seeds paired on the same
+bases) and +0.5 at 90% (3 seeds); 0.25 was no better and 0.75 worse at 70% (10 seeds).
+``round_to=1`` (exact widths) was more accurate still on that narrow network (16-64 channels,
+where a step of 8 is an eighth to a half of a layer): +0.15 / +0.31 / +0.5 / +2.3 at 50 / 70
+/ 90 / 98%. It is not the default because odd widths leave ONNX Runtime's blocked CPU
+convolutions: the demo's ResNet-56 at 0.3 of the MACs ran 0.57x the dense speed at batch 32
+with exact widths, where multiples of 8 had given 1.5x.
 
 Use ``ResRep`` in any training loop (own loop, DDP, Lightning)::
 
@@ -99,11 +101,6 @@ MIN_ADAPTIVE_ITERS = 120
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ResRepConfig(MethodConfig):
-    round_to: int = option(
-        1,
-        "round kept widths up to a multiple of this; 1 (ResRep's default) keeps the widths "
-        "training chose, 8 suits tensor cores",
-    )
     schedule: ResRepSchedule | Literal["adaptive", "paper"] = option(
         "adaptive",
         "'adaptive' fits the budget, 'paper' has the paper's constants; or a ResRepSchedule",
