@@ -22,11 +22,11 @@ the target allows and finer where it would be out of reach; the last mask update
 
 Why cost ** 0.5 (Fashion-MNIST ResNet-20, 375 iterations, BENCHMARKS.md): dividing by the
 full cost piles the cut on the early, high-resolution layers. With multiples of 8, cost ** 0.5
-was +0.14 ± 0.10 / +0.13 ± 0.22 points at 50 / 70% fewer MACs (5 seeds paired on the same
-bases) and +0.5 at 90% (3 seeds); 0.25 was no better and 0.75 worse at 70% (10 seeds).
-``round_to=1`` (exact widths) was more accurate still on that narrow network (16-64 channels,
-where a step of 8 is an eighth to a half of a layer): +0.15 / +0.31 / +0.5 / +2.3 at 50 / 70
-/ 90 / 98%. It is not the default because odd widths leave ONNX Runtime's blocked CPU
+was +0.10 ± 0.07 / +0.43 ± 0.22 points at 50 / 70% fewer MACs (10 seeds paired on the same
+bases) and +0.5 at 90% (3 seeds); 0.25 was no better and 0.75 worse at 70%. ``round_to=1``
+(exact widths) was more accurate still on that narrow network (16-64 channels, where a step of
+8 is an eighth to a half of a layer): +0.21 / +0.15 (10 seeds) and +0.5 / +2.3 (3 seeds) at
+50 / 70 / 90 / 98%. It is not the default because odd widths leave ONNX Runtime's blocked CPU
 convolutions: the demo's ResNet-56 at 0.3 of the MACs ran 0.57x the dense speed at batch 32
 with exact widths, where multiples of 8 had given 1.5x.
 
