@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -310,6 +311,14 @@ def test_kernel_rows_reset_gradients_as_computed_by_hand() -> None:
     torch.testing.assert_close(fc1.bias.grad, task * gb + factor * b)
     assert torch.equal(fc2.weight.grad, torch.full_like(fc2.weight, 3.0))
     np.testing.assert_allclose(rr.kernel.relative_norms()[gid], [0.5, 1.0, 1.0, 1.0])
+    # A custom schedule with the compactors at half the model's lr: the kernel rows, trained
+    # at the model's lr, get half the push, so they travel as far as a compactor row would.
+    slow = replace(rr.schedule, compactor_lr_scale=0.5)
+    rr.schedule = slow
+    fc1.weight.grad, fc1.bias.grad = gw.clone(), gb.clone()
+    rr.after_backward()
+    torch.testing.assert_close(fc1.weight.grad, task[:, None] * gw + 0.5 * factor[:, None] * w)
+    torch.testing.assert_close(fc1.bias.grad, task * gb + 0.5 * factor * b)
 
 
 def test_gradient_resetting_without_task_gradient_and_with_zero_rows() -> None:

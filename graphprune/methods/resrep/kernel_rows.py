@@ -18,9 +18,9 @@ Scale. Compactor rows start as identity rows of norm 1; a channel's own entries 
 norm. Scores are therefore norms relative to the start (1 for every channel at first, like an
 identity row), and the push is multiplied by the channel's starting norm, so λ pulls a kernel
 row by the same fraction of itself as a compactor row. These entries train under the model's
-optimizer (compress(): SGD with momentum MODEL_MOMENTUM), not under the compactors' momentum
-μ, and a push travels lr/(1-momentum) per unit of λ, so it is also multiplied by
-(1-MODEL_MOMENTUM)/(1-μ) to travel as far.
+optimizer (compress(): SGD with momentum MODEL_MOMENTUM at the model's lr), not under the
+compactors' momentum μ and lr scale s, and a push travels lr/(1-momentum) per unit of λ, so it
+is also multiplied by s·(1-MODEL_MOMENTUM)/(1-μ) to travel as far as a compactor row's.
 """
 
 from __future__ import annotations
@@ -63,15 +63,27 @@ class KernelRows:
         return {g: np.abs(v) for g, v in self.masks.producer_dots().items()}
 
     def reset_grads(
-        self, *, active: float, masked: float, eps: float, compactor_momentum: float
+        self,
+        *,
+        active: float,
+        masked: float,
+        eps: float,
+        compactor_momentum: float,
+        compactor_lr_scale: float = 1.0,
     ) -> None:
         """Gradient resetting on the rows (module docstring): λ = ``active`` on kept channels,
-        ``masked`` on masked ones, both scaled to the channel's starting norm and momentum."""
+        ``masked`` on masked ones, both scaled to the channel's starting norm, and to the
+        compactors' momentum and lr scale (λ is sized for the compactors' optimizer)."""
         travel = (1.0 - MODEL_MOMENTUM) / (1.0 - compactor_momentum)
         scale = {g: np.maximum(n0, 1e-12) * travel for g, n0 in self.start.items()}
+        # eps is half a compactor's step (which already holds the lr scale) in units of a
+        # row's norm: a kernel row's step is that times scale[g]
         self.masks.reset_grads(
             task={g: k.astype(np.float64) for g, k in self.keep.items()},
-            push={g: np.where(k, active, masked) * scale[g] for g, k in self.keep.items()},
+            push={
+                g: np.where(k, active, masked) * compactor_lr_scale * scale[g]
+                for g, k in self.keep.items()
+            },
             eps={g: eps * s for g, s in scale.items()},
         )
 

@@ -274,6 +274,7 @@ class ResRep(Method):
                     masked=s.masked_penalty * self.push_scale,
                     eps=s.eps * self.push_scale,
                     compactor_momentum=s.compactor_momentum,
+                    compactor_lr_scale=s.compactor_lr_scale,
                 )
         for c in self.compactors:
             q = c.matrix
