@@ -35,7 +35,7 @@ from graphprune.planning.ranking import (
     select_kept,
     taylor_saliency,
 )
-from graphprune.planning.selection import walk
+from graphprune.planning.selection import step_keys, walk
 from graphprune.testing.method_runs import assert_lands
 from graphprune.testing.zoo import ZOO, ZOO_INPUT_SHAPE, tiny_cnn
 
@@ -141,6 +141,55 @@ def test_guard_floors_and_rounded_widths_by_hand() -> None:
         Rounding(8, 1),
         Rounding(1, 1),
     ]
+
+
+class TwoBranches(nn.Module):
+    """Two 16-channel convs of equal cost, concatenated into a linear head: two groups whose
+    channels all cost the same (9216 / 16 conv MACs + 320 / 32 head MACs each)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 16, 3, padding=1, bias=False)
+        self.b = nn.Conv2d(1, 16, 3, padding=1, bias=False)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([self.a(x), self.b(x)], 1).mean((2, 3)))
+
+
+def test_step_keys_are_the_mean_score_of_each_rounded_step_by_hand() -> None:
+    scores = np.array([5.0, 0.1, 0.2, 0.3, 0.4, 9, 9, 9, 9, 9, 9, 9, 0.6, 0.7, 0.8, 0.9])
+    # 16 channels in steps of 8: the 8 lowest go together (mean 0.5), then 5 with the 9s
+    keys = step_keys(scores, 16, 8)
+    assert keys[[1, 2, 3, 4, 12, 13, 14, 15]] == pytest.approx([0.5] * 8)
+    assert keys[[0, 5, 6, 7, 8, 9, 10, 11]] == pytest.approx([(5 + 7 * 9) / 8] * 8)
+    # steps of 4 below 8: 16 -> 8 -> 4 -> 0. Tied 9s leave in reverse index order (the
+    # keep order keeps the lower index), so 5 goes with channels 9-11
+    fine = step_keys(scores, 16, 8, fine=4)
+    assert fine[[1, 2, 3, 4, 12, 13, 14, 15]] == pytest.approx([0.5] * 8)
+    assert fine[[0, 9, 10, 11]] == pytest.approx([(5 + 27) / 4] * 4)
+    assert fine[[5, 6, 7, 8]] == pytest.approx([9.0] * 4)
+    assert step_keys(scores, 16, 1) == pytest.approx(scores)
+    assert step_keys(scores, 16, 8, tied=True) == pytest.approx(scores)
+    # rounded_width takes arrays too, elementwise as for ints
+    widths = rounded_width(np.array([1, 3, 4, 5, 8, 9, 63]), 64, 8, fine=4)
+    assert widths.tolist() == [rounded_width(k, 64, 8, fine=4) for k in (1, 3, 4, 5, 8, 9, 63)]
+
+
+def test_rounded_walk_cuts_the_step_worth_least_in_total() -> None:
+    x = torch.randn(1, 1, 8, 8)
+    gm = trace(TwoBranches(), (x,))
+    graph = build_channel_graph(gm)
+    macs = count_macs(gm, (x,)).per_layer
+    a, b = (g.id for g in graph.groups if g.prunable)
+    # a: seven near-zero channels and one at 5 (step of 8 worth 5.7); b: eight at 1 (worth 8)
+    scores = {a: np.array([0.1] * 7 + [5.0] + [10.0] * 8), b: np.array([1.0] * 8 + [10.0] * 8)}
+    # 0.75 of the MACs is exactly one step of 8 channels of either group
+    plan, reached = walk(graph, scores, macs, 0.75, round_to=8)
+    assert reached
+    assert set(plan) == {a}  # walking channel by channel would wait for a's 5 and cut b
+    assert plan[a].tolist() == list(range(8, 16))
+    assert measured_ratio(gm, graph, x, plan) == pytest.approx(0.75)
 
 
 def test_rank_correlation_by_hand() -> None:

@@ -204,6 +204,31 @@ def rankable(scores: object) -> np.ndarray:
     return np.where(np.isfinite(a), a, np.inf)
 
 
+def step_keys(
+    scores: np.ndarray, n: int, round_to: int, *, tied: bool = False, fine: int | None = None
+) -> np.ndarray:
+    """The score the walk ranks each channel of one group by: the mean score of the channels
+    whose removal makes the same step of the group's rounded width (``rounded_width``); at
+    exact widths (and in tied groups) every channel is a step of its own.
+
+    With multiples of 8 a group loses its channels 8 at a time, so a step costs the sum of
+    the 8 channels' scores. Walking channels by their own scores instead waits for the step's
+    best channel: one strong channel among seven weak ones kept the whole step, however weak
+    the rest, and the cut went to groups whose channels were uniformly a little better (on
+    Fashion-MNIST ResNet-20, ResRep at 50% fewer MACs: +0.3 points from this alone,
+    BENCHMARKS.md). Within a group the keys still rise in score order."""
+    scores = np.asarray(scores, dtype=np.float64)
+    keys = scores.copy()
+    removal = np.argsort(-scores, kind="stable")[::-1]  # the reverse of the keep order
+    widths = np.asarray(rounded_width(np.arange(n - 1, -1, -1), n, round_to, tied=tied, fine=fine))
+    start = 0
+    for j in np.nonzero(np.diff(np.concatenate([[n], widths])) < 0)[0]:  # a step ends at j
+        block = removal[start : j + 1]
+        keys[block] = scores[block].mean()
+        start = j + 1
+    return keys
+
+
 def walk(
     graph: ChannelGraph,
     scores: Mapping[int, np.ndarray],
@@ -218,6 +243,7 @@ def walk(
     """The global walk: lowest score first, never emptying a group, widths rounded up to
     ``round_to`` as they will be pruned (so the MACs seen are the MACs the model will have),
     dropping at most ``max_drop`` channels. Returns (kept per changed group, target reached).
+    With rounded widths a channel is walked at its step's mean score (``step_keys``).
     ``fine`` rounds widths below ``round_to`` more finely (``rounded_width``); ``min_keep``
     (group id -> channels) is a floor no group is walked below (at least 1 always).
     """
@@ -225,18 +251,22 @@ def walk(
     target = flops_target * model.dense
     # A NaN/Inf score (weights that are not finite) ranks nothing: that channel is kept.
     scores = {g: rankable(a) for g, a in scores.items()}
-    order = sorted(
-        (float(s), gid, pos)
-        for gid, arr in scores.items()
-        for pos, s in enumerate(arr)
-        if np.isfinite(s)
-    )
     tied = {gid: is_tied(graph, gid) for gid in scores}
+    keys = {
+        g: step_keys(a, graph.groups[g].channels, round_to, tied=tied[g], fine=fine)
+        for g, a in scores.items()
+    }
+    order = sorted(
+        (float(key), float(s), gid, pos)
+        for gid, arr in scores.items()
+        for pos, (s, key) in enumerate(zip(arr, keys[gid], strict=True))
+        if np.isfinite(key)
+    )
     removed: dict[int, int] = defaultdict(int)
     floor = dict(min_keep or {})
     protected: dict[int, int] = defaultdict(int)
     dropped = 0  # channels actually dropped after rounding, what max_drop limits
-    for _, gid, _pos in order:
+    for _, _, gid, _pos in order:
         if model.macs <= target or (max_drop is not None and dropped >= max_drop):
             break
         n = graph.groups[gid].channels
