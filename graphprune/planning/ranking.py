@@ -17,9 +17,11 @@ make such a choice sound, whatever the method:
 
 ``choose_rounding`` keeps widths hardware friendly (multiples of ``round_to``) where the target
 allows and rounds narrow layers finer (``round_to``/2, /4, ... 1) where it would otherwise make
-the target unreachable. ``select_kept`` runs the walk and, for a final mask, gives channels
-back while the MACs stay under the target, finer if needed, so the result lands within
-``tolerance`` of the target instead of one rounding step under it.
+the target unreachable. With rounded widths the walk ranks a channel by the mean score of its
+width step (``selection.step_keys``): a step removes ``round_to`` channels at once.
+``select_kept`` runs the walk and, for a final mask, gives channels back while the MACs stay
+under the target, finer if needed, so the result lands within ``tolerance`` of the target
+instead of one rounding step under it.
 """
 
 from __future__ import annotations

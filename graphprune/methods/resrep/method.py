@@ -17,18 +17,20 @@ would look 4-10x more important), times a first-order Taylor prior measured over
 (informative from the first mask, when norms have barely moved), divided by the square root
 of the MACs the channel costs (``cost_power``; 1 would be importance per MAC saved); no group
 goes below ``min_keep_fraction`` of its width. Widths are multiples of ``round_to`` (8) where
-the target allows and finer where it would be out of reach; the last mask update lands within
-0.01 of the target.
+the target allows and finer where it would be out of reach, and a width step of 8 channels is
+ranked by their mean score (``selection.step_keys``); the last mask update lands within 0.01 of
+the target.
 
 Why cost ** 0.5 (Fashion-MNIST ResNet-20, 375 iterations, BENCHMARKS.md): dividing by the
 full cost piles the cut on the early, high-resolution layers. With multiples of 8, cost ** 0.5
 was +0.10 ± 0.07 / +0.43 ± 0.22 points at 50 / 70% fewer MACs (10 seeds paired on the same
-bases) and +0.5 at 90% (3 seeds); 0.25 was no better and 0.75 worse at 70%. ``round_to=1``
-(exact widths) was more accurate still on that narrow network (16-64 channels, where a step of
-8 is an eighth to a half of a layer): +0.21 / +0.15 (10 seeds) and +0.5 / +2.3 (3 seeds) at
-50 / 70 / 90 / 98%. It is not the default because odd widths leave ONNX Runtime's blocked CPU
-convolutions: the demo's ResNet-56 at 0.3 of the MACs ran 0.57x the dense speed at batch 32
-with exact widths, where multiples of 8 had given 1.5x.
+bases) and +0.5 at 90% (3 seeds); 0.25 was no better and 0.75 worse at 70%. Exact widths
+(``round_to=1``) were more accurate still on that narrow network (+0.21 / +0.15); ranking each
+step of 8 channels by their mean score (``step_keys``) then closed that gap with multiples of 8
+(+0.26 ± 0.05 / +0.17 ± 0.09 over per-channel ranking, +0.05 / +0.02 over exact widths). Exact
+widths are not the default because widths just past ONNX Runtime's channel blocks run slowly:
+the demo's ResNet-56 at 0.3 of the MACs ran 0.57x the dense speed at batch 32 with exact widths,
+where multiples of 8 had given 1.5x.
 
 Use ``ResRep`` in any training loop (own loop, DDP, Lightning)::
 
