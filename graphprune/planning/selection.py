@@ -215,7 +215,7 @@ def step_keys(
     the 8 channels' scores. Walking channels by their own scores instead waits for the step's
     best channel: one strong channel among seven weak ones kept the whole step, however weak
     the rest, and the cut went to groups whose channels were uniformly a little better (on
-    Fashion-MNIST ResNet-20, ResRep at 50% fewer MACs: +0.3 points from this alone,
+    Fashion-MNIST ResNet-20, ResRep at 50% fewer MACs: +0.26 points from this alone,
     BENCHMARKS.md). Within a group the keys still rise in score order."""
     scores = np.asarray(scores, dtype=np.float64)
     keys = scores.copy()
