@@ -171,9 +171,6 @@ def test_step_keys_are_the_mean_score_of_each_rounded_step_by_hand() -> None:
     assert fine[[5, 6, 7, 8]] == pytest.approx([9.0] * 4)
     assert step_keys(scores, 16, 1) == pytest.approx(scores)
     assert step_keys(scores, 16, 8, tied=True) == pytest.approx(scores)
-    # rounded_width takes arrays too, elementwise as for ints
-    widths = rounded_width(np.array([1, 3, 4, 5, 8, 9, 63]), 64, 8, fine=4)
-    assert widths.tolist() == [rounded_width(k, 64, 8, fine=4) for k in (1, 3, 4, 5, 8, 9, 63)]
 
 
 def test_rounded_walk_cuts_the_step_worth_least_in_total() -> None:

@@ -129,13 +129,8 @@ def check_flops_target(flops_target: object) -> None:
 
 
 def rounded_width(
-    kept: int | np.ndarray,
-    total: int,
-    round_to: int,
-    *,
-    tied: bool = False,
-    fine: int | None = None,
-) -> int | np.ndarray:
+    kept: int, total: int, round_to: int, *, tied: bool = False, fine: int | None = None
+) -> int:
     """The width ``kept`` channels become: rounded up to a multiple of ``round_to``, capped at
     ``total``. Groups smaller than ``round_to`` and tied groups (one channel = a GroupNorm
     group, a conv group, a shuffle column) are not rounded. The planner and the pruner both
@@ -144,14 +139,11 @@ def rounded_width(
     ``fine`` (a divisor step below ``round_to``, e.g. 4, 2 or 1) rounds widths under
     ``round_to`` to multiples of ``fine`` instead, so a narrow layer can go below ``round_to``
     where a deep target needs it while wide layers keep hardware-friendly multiples. The
-    result never decreases as ``kept`` grows. ``kept`` may be an int (an int is returned) or
-    an integer array (rounded elementwise)."""
+    result never decreases as ``kept`` grows."""
     if round_to <= 1 or total < round_to or tied:
         return kept
-    k = np.asarray(kept)
-    step = round_to if fine is None else np.where(k >= round_to, round_to, max(1, fine))
-    out = np.minimum(total, -(-k // step) * step)
-    return int(out) if out.ndim == 0 else out
+    step = round_to if fine is None or kept >= round_to else max(1, fine)
+    return min(total, -(-kept // step) * step)
 
 
 def is_tied(graph: ChannelGraph, gid: int) -> bool:

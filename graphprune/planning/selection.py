@@ -220,7 +220,8 @@ def step_keys(
     scores = np.asarray(scores, dtype=np.float64)
     keys = scores.copy()
     removal = np.argsort(-scores, kind="stable")[::-1]  # the reverse of the keep order
-    widths = np.asarray(rounded_width(np.arange(n - 1, -1, -1), n, round_to, tied=tied, fine=fine))
+    # the group's width after each removal in that order
+    widths = [rounded_width(n - 1 - j, n, round_to, tied=tied, fine=fine) for j in range(n)]
     start = 0
     for j in np.nonzero(np.diff(np.concatenate([[n], widths])) < 0)[0]:  # a step ends at j
         block = removal[start : j + 1]
