@@ -239,7 +239,7 @@ class ResRep(Method):
             epochs = f" ({math.ceil(MIN_ADAPTIVE_ITERS / per)} epochs of {per})" if per else ""
             raise TrainingError(
                 f"ResRep with {total} iterations: the adaptive schedule needs at least "
-                f"{MIN_ADAPTIVE_ITERS}{epochs} (a warm-up, ~30 mask updates over a quarter of "
+                f"{MIN_ADAPTIVE_ITERS}{epochs} (a warm-up, mask updates over the next 15% of "
                 "training, the masked rows' decay and fine-tuning): train longer or use a "
                 "smaller batch"
             )
