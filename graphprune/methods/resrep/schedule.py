@@ -78,7 +78,8 @@ class ResRepSchedule:
         fewer MACs), and a longer warm-up measures it on more batches: on Fashion-MNIST
         ResNet-20 (375 iterations, 70% fewer MACs, 10 seeds paired with a 5% warm-up)
         10 / 15 / 20% gave +0.14 / +0.23 / +0.09 points, 15% with masking to 35% +0.19, and
-        accumulating the prior on through the masking window instead -0.06 (BENCHMARKS.md).
+        accumulating the prior on through the masking window instead -0.03; with 2,345
+        iterations (3 seeds) 15% gave +0.11 (BENCHMARKS.md).
         Masking runs to 30% in 30-60 updates (one per iteration on a shorter window), each
         allowed twice its share of the channels to mask, the last one uncapped and exact so
         the target is met; then the masks freeze and masked rows decay until ZERO_AT (60%),
