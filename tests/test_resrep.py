@@ -580,6 +580,45 @@ def test_channels_per_update_caps_growth_and_step_follows_the_schedule() -> None
     assert rr.masked_fraction_macs() <= 0.2
 
 
+def test_the_taylor_prior_sums_gate_gradients_over_the_warm_up_only() -> None:
+    # The prior of a channel is |dL/dgate| summed over the warm-up batches, for a gate that
+    # scales the compactor's output channel (1 here, so the model is unchanged). The reference
+    # gets dL/dgate from autograd through such a gate, not from the compactor's weights.
+    torch.manual_seed(0)
+    gm = trace(tiny_cnn(16, 32), (torch.randn(DIGITS),))
+    s = schedule(warmup_iters=3, mask_interval=2, channels_per_update=4)
+    rr = ResRep(gm, flops_target=0.5, total_iters=1000, schedule=s, round_to=1)
+    randomize_compactors_(rr.compactors, seed=3)
+    opt = torch.optim.SGD(rr.param_groups(0.05), lr=0.05)
+    gates = {c: torch.ones(c.out_channels, requires_grad=True) for c in rr.compactors}
+    hooks = [
+        c.register_forward_hook(lambda mod, _, out: out * gates[mod].view(1, -1, 1, 1))
+        for c in rr.compactors
+    ]
+    want = {g: np.zeros_like(v) for g, v in rr.prior_sum.items()}
+    seen = []
+    for it in range(7):
+        opt.zero_grad()
+        for gate in gates.values():
+            gate.grad = None
+        x, y = torch.randn(8, *DIGITS[1:]), torch.randint(0, 10, (8,))
+        F.cross_entropy(rr.model(x), y).backward()
+        if it < 3:
+            for c, gate in gates.items():
+                want[c.group][c.channel_index.numpy()] += gate.grad.abs().numpy()
+        rr.after_backward()
+        opt.step()
+        rr.step()
+        seen.append({g: v.copy() for g, v in rr.prior_sum.items()})
+    for h in hooks:
+        h.remove()
+    assert len(rr.compactors) == 2 and all(w.min() > 0 for w in want.values())
+    for g, w in want.items():
+        np.testing.assert_allclose(seen[2][g], w, rtol=1e-5)  # the warm-up's three batches
+        np.testing.assert_allclose(seen[-1][g], w, rtol=1e-5)  # nothing added after it
+    assert sum(int((m == 0).sum()) for m in rr.masks().values()) > 0  # masks began after it
+
+
 def test_scores_divide_by_the_square_root_of_the_cost_by_default() -> None:
     # Identity compactors (every row norm 1), no Taylor prior: a channel's score is
     # 1 / (cost / mean cost) ** cost_power. Costs by hand, as in test_ranking: 8x8 input,
